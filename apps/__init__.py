@@ -1,0 +1,1 @@
+"""Demo endpoints: the applications gateways protect (PLC/HMI, sensors, video peers...)."""

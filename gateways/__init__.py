@@ -1,0 +1,1 @@
+"""QKD-keyed gateways: one folder per gateway (ipsec, scada, webrtc, ledger, opot...)."""

@@ -1,0 +1,56 @@
+"""Errors of the key client, translated from requests/ssl/socket errors in one place
+(`Etsi014Client._call`). Messages carry what the KME said, never key bytes.
+
+    KeySupplyError               no usable key could be obtained
+     +-- KMEError                the KME answered with an error, or could not be reached
+     |    +-- KMEBadRequest      400: the request was malformed, or a key_ID unknown
+     |    +-- KMEUnauthorized    401: this SAE may not have these keys
+     |    +-- KMEUnavailable     503: no key on the link right now, or the peer KME is down
+     |    |    +-- KMEUnreachable    no HTTP answer at all (connection, TLS, timeout)
+     +-- KeyExhausted            a KeySession has no key left and its policy forbids going on
+     +-- PeerError               the gateway's peer did not complete key agreement
+"""
+
+from __future__ import annotations
+
+
+class KeySupplyError(Exception):
+    pass
+
+
+class KMEError(KeySupplyError):
+    def __init__(self, status: int | None, message: str, url: str = "") -> None:
+        self.status = status
+        self.message = message
+        self.url = url
+        code = f"HTTP {status}" if status is not None else "no answer"
+        super().__init__(f"KME {url or ''} {code}: {message}".replace("  ", " "))
+
+
+class KMEBadRequest(KMEError):
+    pass
+
+
+class KMEUnauthorized(KMEError):
+    pass
+
+
+class KMEUnavailable(KMEError):
+    pass
+
+
+class KMEUnreachable(KMEUnavailable):
+    pass
+
+
+class KeyExhausted(KeySupplyError):
+    pass
+
+
+class PeerError(KeySupplyError):
+    pass
+
+
+def from_status(status: int, message: str, url: str) -> KMEError:
+    cls = {400: KMEBadRequest, 401: KMEUnauthorized, 503: KMEUnavailable}.get(status, KMEError)
+    return cls(status, message, url)

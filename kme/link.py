@@ -1,0 +1,203 @@
+"""A simulated QKD link between two KMEs, and the background work it needs.
+
+The emitter (the KME whose ID sorts first) plays both QKD devices: it draws
+secret key from the OS CSPRNG at the link's modelled rate, in blocks, and
+pushes each block to the peer KME over mutual TLS. A block becomes usable only
+once the peer has stored it, so both stores always hold every usable byte.
+No key is produced while the peer is unreachable (a QKD link needs its
+classical channel), nor beyond the store capacity (devices stop when full).
+
+Both ends also run the releaser: key IDs promised to a master whose delivery
+failed (peer error, crash) are released at the peer and their stream bytes
+discarded on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from kme.config import Link
+from kme.metrics import KmeMetrics
+from kme.peer import PeerClient, PeerError
+from kme.store import Pending, Store, StreamGap
+
+log = logging.getLogger("qgw.kme.link")
+
+PUSH_MAX_BLOCKS = 512
+HEARTBEAT_S = 1.0
+MAX_BACKOFF_S = 2.0
+
+
+class LinkRuntime:
+    def __init__(self, kme_id: str, cfg: Link, client: PeerClient, store: Store,
+                 metrics: KmeMetrics, capacity_bytes: int, tick_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.peer = cfg.peer
+        self.emitter = kme_id < cfg.peer
+        self.cfg = cfg
+        self.client = client
+        self.store = store
+        self.metrics = metrics
+        self.capacity_bytes = capacity_bytes
+        self.tick_s = tick_s
+        self.clock = clock
+        # A receiver learns the modelled rate from the emitter's pushes.
+        self.rate_bps: float | None = cfg.rate_bps if self.emitter else None
+        self.up = False
+        self.last_contact: float | None = None
+        self._release_queue: dict[str, Pending] = {}
+        self._release_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        store.ensure_link(self.peer)
+        if self.rate_bps is not None:
+            metrics.link_rate.labels(peer=self.peer).set(self.rate_bps)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self.queue_release(self.store.pending(self.peer))
+        if self.emitter:
+            self._tasks.append(asyncio.create_task(self._emit_loop(), name=f"emit-{self.peer}"))
+        self._tasks.append(asyncio.create_task(self._release_loop(), name=f"release-{self.peer}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.close()
+
+    # -- state -----------------------------------------------------------------
+
+    def available_bytes(self) -> int:
+        return self.store.available_bytes(self.peer, emitter=self.emitter)
+
+    def mark_contact(self, ok: bool) -> None:
+        self.up = ok
+        if ok:
+            self.last_contact = self.clock()
+        self.metrics.link_up.labels(peer=self.peer).set(1 if ok else 0)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "peer_KME_ID": self.peer,
+            "role": "emitter" if self.emitter else "receiver",
+            "state": "up" if self.up else "down",
+            "key_rate_bps": self.rate_bps,
+            "available_bits": self.available_bytes() * 8,
+        }
+
+    # -- emitter ---------------------------------------------------------------
+
+    async def _emit_loop(self) -> None:
+        block = self.cfg.block_bytes
+        credit = 0.0
+        last = self.clock()
+        backoff = self.tick_s
+        while True:
+            now = self.clock()
+            if self.up:
+                credit += (self.rate_bps or 0.0) * (now - last)
+            last = now
+            credit -= self._generate(credit)
+            if self.store.held_bytes(self.peer) + block > self.capacity_bytes:
+                credit = 0.0
+            try:
+                await self._push()
+                backoff = self.tick_s
+                await asyncio.sleep(self.tick_s)
+            except PeerError as exc:
+                if self.up:
+                    log.warning("link to %s down: %s", self.peer, exc.message)
+                self.mark_contact(False)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _generate(self, credit_bits: float) -> int:
+        """Turn whole blocks of credit into stream blocks; returns the bits used."""
+        block = self.cfg.block_bytes
+        count = int(credit_bits // (block * 8))
+        room = (self.capacity_bytes - self.store.held_bytes(self.peer)) // block
+        count = max(0, min(count, room))
+        if not count:
+            return 0
+        end = self.store.link_state(self.peer).end
+        blocks = [(end + i * block, os.urandom(block)) for i in range(count)]
+        self.store.append_blocks(self.peer, blocks, confirmed=False)
+        self.metrics.key_bits_generated.labels(peer=self.peer).inc(count * block * 8)
+        return count * block * 8
+
+    async def _push(self) -> None:
+        blocks = self.store.unconfirmed_blocks(self.peer)[:PUSH_MAX_BLOCKS]
+        due = self.last_contact is None or self.clock() - self.last_contact >= HEARTBEAT_S
+        if not blocks and self.up and not due:
+            return
+        body = {
+            "blocks": [{"offset": off, "data": base64.b64encode(d).decode()} for off, d in blocks],
+            "cursor": self.store.link_state(self.peer).cursor,
+            "key_rate_bps": self.rate_bps,
+        }
+        await self.client.call("/kme/v1/stream", body)
+        if not self.up:
+            log.info("link to %s up", self.peer)
+        self.mark_contact(True)
+        if blocks:
+            off, data = blocks[-1]
+            self.store.confirm_blocks(self.peer, off + len(data))
+        self.metrics.link_available_bits.labels(peer=self.peer).set(self.available_bytes() * 8)
+
+    # -- releaser --------------------------------------------------------------
+
+    def queue_release(self, entries: list[Pending]) -> None:
+        for p in entries:
+            self._release_queue[p.key_id] = p
+        if self._release_queue:
+            self._release_wake.set()
+
+    async def _release_loop(self) -> None:
+        backoff = self.tick_s
+        while True:
+            await self._release_wake.wait()
+            batch = list(self._release_queue.values())[:PUSH_MAX_BLOCKS]
+            if not batch:
+                self._release_wake.clear()
+                continue
+            body = {"keys": [
+                {"key_ID": p.key_id, "length": p.length}
+                | ({"offset": p.offset} if p.offset is not None else {})
+                for p in batch
+            ]}
+            try:
+                reply = await self.client.call("/kme/v1/release", body)
+            except PeerError:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            backoff = self.tick_s
+            self._discard_locally(batch, reply)
+            for p in batch:
+                self._release_queue.pop(p.key_id, None)
+            if not self._release_queue:
+                self._release_wake.clear()
+
+    def _discard_locally(self, batch: list[Pending], reply: dict[str, object]) -> None:
+        known: dict[str, int] = {}
+        released = reply.get("released")
+        if isinstance(released, list):
+            for item in released:
+                if isinstance(item, dict) and isinstance(item.get("offset"), int):
+                    known[str(item.get("key_ID"))] = item["offset"]
+        with self.store.tx():
+            for p in batch:
+                offset = p.offset if p.offset is not None else known.get(p.key_id)
+                if offset is None:
+                    continue
+                try:
+                    self.store.carve(self.peer, offset, p.length)
+                except StreamGap:
+                    log.warning("released range of a key from %s was already gone", self.peer)
+            self.store.drop_pending([p.key_id for p in batch])

@@ -1,0 +1,52 @@
+"""Prometheus metrics of one KME (a registry per KME, so tests can run several).
+
+Counts and levels only: no metric carries key material or key IDs.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class KmeMetrics:
+    def __init__(self, kme_id: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"kme": kme_id}
+        self.requests = Counter(
+            "qgw_kme_requests", "ETSI 014 and KME-to-KME requests by call and HTTP status",
+            ["call", "code"], registry=self.registry,
+        ).labels  # bound below per call
+        self.latency = Histogram(
+            "qgw_kme_request_seconds", "Time to answer a request", ["call"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5),
+            registry=self.registry,
+        )
+        self.keys_delivered = Counter(
+            "qgw_kme_keys_delivered", "Keys handed to SAEs", ["role"], registry=self.registry,
+        )
+        self.key_bits_generated = Counter(
+            "qgw_kme_link_key_bits_generated", "Secret key bits the simulated link produced",
+            ["peer"], registry=self.registry,
+        )
+        self.link_available_bits = Gauge(
+            "qgw_kme_link_available_bits", "Link key bits stored and not yet allocated",
+            ["peer"], registry=self.registry,
+        )
+        self.link_up = Gauge(
+            "qgw_kme_link_up", "1 when the KME-to-KME channel of a link works", ["peer"],
+            registry=self.registry,
+        )
+        self.link_rate = Gauge(
+            "qgw_kme_link_rate_bps", "Modelled secret key rate of a link", ["peer"],
+            registry=self.registry,
+        )
+        self.reserved_keys = Gauge(
+            "qgw_kme_reserved_keys", "Keys held for slave SAEs that have not fetched them",
+            registry=self.registry,
+        )
+        self.info = Gauge("qgw_kme_info", "KME identity", ["kme"], registry=self.registry)
+        self.info.labels(**labels).set(1)
+
+    def request(self, call: str, code: int, seconds: float) -> None:
+        self.requests(call=call, code=str(code)).inc()
+        self.latency.labels(call=call).observe(seconds)

@@ -1,0 +1,319 @@
+"""One KME: the ETSI 014 key service and the KME-to-KME side of key reservation.
+
+How a key reaches two SAEs (master M at this KME, slave S at peer KME P):
+
+1. M calls enc_keys. This KME makes key IDs and records them as pending.
+   If it is the link's emitter it also allocates stream ranges now.
+2. It asks P to reserve those IDs for (M, S): P allocates the ranges if P is
+   the emitter, carves the bytes from its copy of the stream and stores the
+   keys for S. Only then
+3. does this KME carve the same ranges from its copy, drop the pending record
+   and answer M, in one transaction.
+
+So a slave can never be told "unknown key" for a key its master holds, and a
+crash at any point leaves either a delivered key that the slave can fetch,
+or a pending record that is released at the peer on restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from typing import Any
+
+from kme.config import KmeConfig
+from kme.errors import ApiError
+from kme.link import LinkRuntime
+from kme.metrics import KmeMetrics
+from kme.peer import PeerClient, PeerError
+from kme.store import Pending, Store, StreamGap
+from kme.wire014 import KeyRequest, Limits
+from qgw.tls import ROLE_KME, ROLE_SAE, Identity, client_context
+
+log = logging.getLogger("qgw.kme")
+
+RELEASED_RETENTION_S = 86400.0
+
+
+class Kme:
+    def __init__(self, cfg: KmeConfig, store: Store | None = None) -> None:
+        self.cfg = cfg
+        self.kme_id = cfg.kme_id
+        self.store = store or Store(cfg.store)
+        self.metrics = KmeMetrics(cfg.kme_id)
+        lim = cfg.limits
+        self.limits = Limits(lim.key_size, lim.min_key_size, lim.max_key_size,
+                             lim.max_key_per_request, lim.max_SAE_ID_count)
+        self.capacity_bytes = lim.store_capacity_bits // 8
+        ctx = client_context(cfg.tls.files())
+        self.links: dict[str, LinkRuntime] = {
+            link.peer: LinkRuntime(
+                cfg.kme_id, link, PeerClient(link.peer, link.url, ctx, cfg.peer_timeout_s),
+                self.store, self.metrics, self.capacity_bytes, cfg.tick_s,
+            )
+            for link in cfg.links
+        }
+
+    async def start(self) -> None:
+        self.store.prune_released(RELEASED_RETENTION_S)
+        for link in self.links.values():
+            link.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(link.stop() for link in self.links.values()))
+        self.store.close()
+
+    # -- who is who --------------------------------------------------------------
+
+    def _local_sae(self, caller: Identity | None) -> str:
+        if caller is None or caller.role != ROLE_SAE:
+            raise ApiError.unauthorized("the client certificate does not identify an SAE")
+        if self.cfg.saes.get(caller.name) != self.kme_id:
+            raise ApiError.unauthorized(f"SAE {caller.name} is not attached to KME {self.kme_id}")
+        return caller.name
+
+    def _known_sae(self, sae: str, role: str) -> str:
+        kme = self.cfg.saes.get(sae)
+        if kme is None:
+            raise ApiError.bad_request(f"unknown {role} SAE ID {sae!r}", parameter=role)
+        return kme
+
+    def _link_for_slaves(self, master: str, slaves: list[str]) -> LinkRuntime:
+        kmes = set()
+        for slave in slaves:
+            if slave == master:
+                raise ApiError.bad_request("the slave SAE must differ from the master SAE")
+            kme = self._known_sae(slave, "slave")
+            if kme == self.kme_id:
+                raise ApiError.bad_request(
+                    f"SAE {slave} is attached to this KME too; keys are shared only over a "
+                    f"QKD link, with an SAE at another KME"
+                )
+            kmes.add(kme)
+        if len(kmes) != 1:
+            raise ApiError.bad_request("all slave SAEs of one request must be at the same KME")
+        (peer,) = kmes
+        link = self.links.get(peer)
+        if link is None:
+            raise ApiError.bad_request(f"no QKD link from {self.kme_id} to {peer}")
+        return link
+
+    def _peer_link(self, caller: Identity | None) -> LinkRuntime:
+        if caller is None or caller.role != ROLE_KME or caller.name not in self.links:
+            raise ApiError.unauthorized("only a linked peer KME may call the KME-to-KME API")
+        return self.links[caller.name]
+
+    # -- ETSI GS QKD 014 ---------------------------------------------------------
+
+    def status(self, caller: Identity | None, slave: str) -> dict[str, Any]:
+        master = self._local_sae(caller)
+        link = self._link_for_slaves(master, [slave])
+        key_bytes = self.limits.key_size // 8
+        return {
+            "source_KME_ID": self.kme_id,
+            "target_KME_ID": link.peer,
+            "master_SAE_ID": master,
+            "slave_SAE_ID": slave,
+            "key_size": self.limits.key_size,
+            "stored_key_count": link.available_bytes() // key_bytes,
+            "max_key_count": self.capacity_bytes // key_bytes,
+            "max_key_per_request": self.limits.max_key_per_request,
+            "max_key_size": self.limits.max_key_size,
+            "min_key_size": self.limits.min_key_size,
+            "max_SAE_ID_count": self.limits.max_SAE_ID_count,
+            "status_extension": {"qkdgw_link": link.describe()},
+        }
+
+    async def enc_keys(self, caller: Identity | None, slave: str,
+                       req: KeyRequest) -> list[tuple[str, bytes]]:
+        master = self._local_sae(caller)
+        slaves = [slave, *req.additional_slave_SAE_IDs]
+        if len(set(slaves)) != len(slaves):
+            raise ApiError.bad_request("additional_slave_SAE_IDs repeats the slave SAE",
+                                       parameter="additional_slave_SAE_IDs")
+        link = self._link_for_slaves(master, slaves)
+        length = req.size // 8
+        ids = [str(uuid.uuid4()) for _ in range(req.number)]
+        total = length * req.number
+        if link.emitter:
+            with self.store.tx():
+                offsets: list[int | None] = list(
+                    self.store.allocate(link.peer, [length] * req.number))
+                pend = [Pending(k, o, length) for k, o in zip(ids, offsets, strict=True)]
+                self.store.add_pending(link.peer, pend)
+        else:
+            available = link.available_bytes()
+            if available < total:
+                raise ApiError.no_key(available, total)
+            pend = [Pending(k, None, length) for k in ids]
+            with self.store.tx():
+                self.store.add_pending(link.peer, pend)
+        body: dict[str, Any] = {
+            "master": master,
+            "slaves": slaves,
+            "keys": [{"key_ID": p.key_id, "length": p.length}
+                     | ({"offset": p.offset} if p.offset is not None else {}) for p in pend],
+        }
+        if link.emitter:
+            body["cursor"] = self.store.link_state(link.peer).cursor
+        try:
+            reply = await link.client.call("/kme/v1/reserve", body)
+            link.mark_contact(True)
+        except PeerError as exc:
+            link.queue_release(pend)
+            if exc.status is None:
+                link.mark_contact(False)
+                raise ApiError.unavailable(
+                    f"peer KME {link.peer} is unreachable; no key can be shared now") from None
+            if exc.status == 503:
+                raise ApiError.unavailable(exc.message) from None
+            raise ApiError.unavailable(
+                f"peer KME {link.peer} refused the reservation: {exc.message}") from None
+        try:
+            offsets = self._reply_offsets(reply, pend) if not link.emitter else \
+                [p.offset for p in pend]
+            with self.store.tx():
+                keys = [(p.key_id, self.store.carve(link.peer, off, p.length))
+                        for p, off in zip(pend, offsets, strict=True) if off is not None]
+                self.store.drop_pending(ids)
+                if not link.emitter and isinstance(reply.get("cursor"), int):
+                    self.store.note_cursor(link.peer, reply["cursor"])
+        except (StreamGap, ValueError) as exc:
+            log.error("cannot deliver keys reserved at %s: %s", link.peer, exc)
+            link.queue_release(pend)
+            raise ApiError.unavailable("key stream out of step with the peer KME") from None
+        self.metrics.keys_delivered.labels(role="master").inc(len(keys))
+        return keys
+
+    @staticmethod
+    def _reply_offsets(reply: dict[str, Any], pend: list[Pending]) -> list[int | None]:
+        got = {k.get("key_ID"): k.get("offset") for k in reply.get("keys", [])
+               if isinstance(k, dict)}
+        offsets = [got.get(p.key_id) for p in pend]
+        if not all(isinstance(o, int) and o >= 0 for o in offsets):
+            raise ValueError("reservation reply lacks stream offsets")
+        return offsets
+
+    def dec_keys(self, caller: Identity | None, master: str,
+                 key_ids: list[str]) -> list[tuple[str, bytes]]:
+        slave = self._local_sae(caller)
+        self._known_sae(master, "master")
+        if master == slave:
+            raise ApiError.bad_request("the master SAE must differ from the slave SAE")
+        with self.store.tx():
+            material = self.store.take_keys(slave, master, key_ids)
+        self.metrics.keys_delivered.labels(role="slave").inc(len(material))
+        return list(zip(key_ids, material, strict=True))
+
+    # -- KME-to-KME --------------------------------------------------------------
+
+    def peer_stream(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
+        link = self._peer_link(caller)
+        if link.emitter:
+            raise ApiError.bad_request(f"{self.kme_id} is the emitter of this link, not {link.peer}")
+        blocks = []
+        for item in _list(body, "blocks"):
+            off, data = item.get("offset"), item.get("data")
+            if not isinstance(off, int) or off < 0 or not isinstance(data, str):
+                raise ApiError.bad_request("stream block needs an offset and base64 data")
+            try:
+                blocks.append((off, base64.b64decode(data, validate=True)))
+            except ValueError:
+                raise ApiError.bad_request("stream block data is not base64") from None
+        with self.store.tx():
+            if blocks:
+                self.store.append_blocks(link.peer, blocks, confirmed=True)
+            cursor = body.get("cursor")
+            if isinstance(cursor, int):
+                self.store.note_cursor(link.peer, cursor)
+        rate = body.get("key_rate_bps")
+        if isinstance(rate, int | float):
+            link.rate_bps = float(rate)
+            self.metrics.link_rate.labels(peer=link.peer).set(rate)
+        link.mark_contact(True)
+        self.metrics.link_available_bits.labels(peer=link.peer).set(link.available_bytes() * 8)
+        return {"end": self.store.link_state(link.peer).end}
+
+    def peer_reserve(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
+        link = self._peer_link(caller)
+        master = body.get("master")
+        slaves = body.get("slaves")
+        if not isinstance(master, str) or self.cfg.saes.get(master) != link.peer:
+            raise ApiError.bad_request(f"master SAE {master!r} is not attached to {link.peer}")
+        if (not isinstance(slaves, list) or not slaves or len(set(slaves)) != len(slaves)
+                or any(self.cfg.saes.get(s) != self.kme_id for s in slaves)):
+            raise ApiError.bad_request(f"slave SAEs {slaves!r} are not all attached to "
+                                       f"{self.kme_id}")
+        keys = _list(body, "keys")
+        ids, lengths, offsets = [], [], []
+        for k in keys:
+            kid, length, off = k.get("key_ID"), k.get("length"), k.get("offset")
+            if not isinstance(kid, str) or not isinstance(length, int) or length <= 0:
+                raise ApiError.bad_request("each key needs a key_ID and a length")
+            if not link.emitter and (not isinstance(off, int) or off < 0):
+                raise ApiError.bad_request("the emitter must give each key's stream offset")
+            ids.append(kid)
+            lengths.append(length)
+            offsets.append(off)
+        if not ids or len(set(ids)) != len(ids):
+            raise ApiError.bad_request("keys must list distinct key IDs")
+        try:
+            with self.store.tx():
+                if self.store.any_released(ids):
+                    raise ApiError.bad_request("a key ID in this reservation was released")
+                if link.emitter:
+                    offsets = list(self.store.allocate(link.peer, lengths))
+                else:
+                    cursor = body.get("cursor")
+                    if isinstance(cursor, int):
+                        self.store.note_cursor(link.peer, cursor)
+                for kid, off, length in zip(ids, offsets, lengths, strict=True):
+                    material = self.store.carve(link.peer, off, length)
+                    self.store.add_key(kid, link.peer, master, off, length, material, slaves)
+        except StreamGap as exc:
+            log.error("reservation from %s for a range this KME lacks: %s", link.peer, exc)
+            raise ApiError.unavailable("key stream out of step with the peer KME") from None
+        self.metrics.reserved_keys.set(self.store.reserved_key_count())
+        out: dict[str, Any] = {"keys": [{"key_ID": k, "offset": o}
+                                        for k, o in zip(ids, offsets, strict=True)]}
+        if link.emitter:
+            out["cursor"] = self.store.link_state(link.peer).cursor
+        return out
+
+    def peer_release(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
+        link = self._peer_link(caller)
+        released = []
+        with self.store.tx():
+            for k in _list(body, "keys"):
+                kid, off, length = k.get("key_ID"), k.get("offset"), k.get("length")
+                if not isinstance(kid, str) or not isinstance(length, int) or length <= 0:
+                    raise ApiError.bad_request("each key needs a key_ID and a length")
+                self.store.add_released([kid])
+                rng = self.store.drop_key(kid)
+                if rng is not None:
+                    released.append({"key_ID": kid, "offset": rng[0], "length": rng[1]})
+                elif isinstance(off, int) and off >= 0:
+                    try:
+                        self.store.carve(link.peer, off, length)
+                    except StreamGap:
+                        pass  # never reserved here and already discarded: nothing to do
+        self.metrics.reserved_keys.set(self.store.reserved_key_count())
+        return {"released": released}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kme_id": self.kme_id,
+            "time": time.time(),
+            "links": [link.describe() for link in self.links.values()],
+            "reserved_keys": self.store.reserved_key_count(),
+        }
+
+
+def _list(body: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    value = body.get(name)
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ApiError.bad_request(f"{name} must be an array of objects")
+    return value

@@ -1,0 +1,200 @@
+"""HTTP side of a KME: aiohttp over mutual TLS, errors as ETSI JSON bodies.
+
+aiohttp hands the verified peer certificate to the handler through the
+transport (`get_extra_info("peercert")`), which is why it was picked over
+ASGI servers (uvicorn does not pass the client certificate to the app).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib.resources import files
+from typing import Any
+
+import yaml
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kme import wire014
+from kme.config import KmeConfig
+from kme.errors import ApiError
+from kme.node import Kme
+from qgw.tls import Identity, peer_identity, server_context
+
+log = logging.getLogger("qgw.kme")
+
+MAX_BODY = 256 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+KME_KEY = web.AppKey("kme", Kme)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(data).encode(), status=status,
+                        content_type="application/json")
+
+
+def _caller(request: web.Request) -> Identity | None:
+    transport = request.transport
+    return peer_identity(transport.get_extra_info("peercert") if transport else None)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place errors become responses: always JSON, never HTML or a trace."""
+    started = time.perf_counter()
+    call = request.match_info.route.name or "unknown"
+    kme = request.app[KME_KEY]
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = _json(exc.body(), exc.status)
+    except web.HTTPException as exc:
+        message = {
+            404: "no such resource; ETSI GS QKD 014 paths are /api/v1/keys/{SAE_ID}/...",
+            405: f"method {request.method} not allowed here",
+            413: f"request body larger than {MAX_BODY} bytes",
+        }.get(exc.status, exc.reason)
+        response = _json({"message": message}, exc.status)
+        for name in ("Allow",):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        raise
+    except Exception:
+        log.exception("internal error in %s", call)
+        response = _json({"message": "internal KME error"}, 500)
+    kme.metrics.request(call, response.status, time.perf_counter() - started)
+    return response
+
+
+async def _body(request: web.Request, *, allow_empty: bool) -> dict[str, Any]:
+    return wire014.parse_json_body(await request.read(), allow_empty=allow_empty)
+
+
+async def status(request: web.Request) -> web.Response:
+    kme = request.app[KME_KEY]
+    return _json(kme.status(_caller(request), request.match_info["sae"]))
+
+
+async def enc_keys(request: web.Request) -> web.Response:
+    kme = request.app[KME_KEY]
+    caller = _caller(request)
+    if request.method == "POST":
+        req = wire014.key_request_from_json(await _body(request, allow_empty=True), kme.limits)
+    else:
+        req = wire014.key_request_from_query(request.query, kme.limits)
+    keys = await kme.enc_keys(caller, request.match_info["sae"], req)
+    return _json(wire014.key_container(keys))
+
+
+async def dec_keys(request: web.Request) -> web.Response:
+    kme = request.app[KME_KEY]
+    caller = _caller(request)
+    if request.method == "POST":
+        ids = wire014.key_ids_from_json(await _body(request, allow_empty=False), kme.limits)
+    else:
+        ids = wire014.key_ids_from_query(request.query.getall("key_ID", []), kme.limits)
+    keys = kme.dec_keys(caller, request.match_info["sae"], ids)
+    return _json(wire014.key_container(keys))
+
+
+async def openapi(request: web.Request) -> web.Response:
+    doc = yaml.safe_load(files("kme").joinpath("openapi.yaml").read_text())
+    return _json(doc)
+
+
+def _peer(method: Callable[[Kme, Identity | None, dict[str, Any]], dict[str, Any]]) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        kme = request.app[KME_KEY]
+        body = await _body(request, allow_empty=False)
+        return _json(method(kme, _caller(request), body))
+    return handler
+
+
+def make_app(kme: Kme) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app[KME_KEY] = kme
+    r = app.router
+    base = "/api/v1/keys/{sae}"
+    r.add_get(base + "/status", status, name="status")
+    r.add_route("GET", base + "/enc_keys", enc_keys, name="enc_keys")
+    r.add_route("POST", base + "/enc_keys", enc_keys, name="enc_keys_post")
+    r.add_route("GET", base + "/dec_keys", dec_keys, name="dec_keys")
+    r.add_route("POST", base + "/dec_keys", dec_keys, name="dec_keys_post")
+    r.add_get("/api/v1/openapi.json", openapi, name="openapi")
+    r.add_post("/kme/v1/stream", _peer(Kme.peer_stream), name="peer_stream")
+    r.add_post("/kme/v1/reserve", _peer(Kme.peer_reserve), name="peer_reserve")
+    r.add_post("/kme/v1/release", _peer(Kme.peer_release), name="peer_release")
+    return app
+
+
+def _metrics_app(kme: Kme) -> web.Application:
+    async def metrics(request: web.Request) -> web.Response:
+        for link in kme.links.values():
+            kme.metrics.link_available_bits.labels(peer=link.peer).set(link.available_bytes() * 8)
+        return web.Response(body=generate_latest(kme.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def health(request: web.Request) -> web.Response:
+        return _json(kme.describe())
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    return app
+
+
+class KmeServer:
+    """A running KME: key service, HTTPS listener, optional metrics listener."""
+
+    def __init__(self, cfg: KmeConfig) -> None:
+        self.cfg = cfg
+        self.kme = Kme(cfg)
+        self._runners: list[web.AppRunner] = []
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        ssl_ctx = server_context(self.cfg.tls.files())
+        runner = web.AppRunner(make_app(self.kme), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.cfg.listen.host, self.cfg.listen.port,
+                           ssl_context=ssl_ctx, backlog=1024)
+        await site.start()
+        self._runners.append(runner)
+        self.port = _bound_port(runner)
+        if self.cfg.metrics is not None:
+            mrunner = web.AppRunner(_metrics_app(self.kme), access_log=None, handle_signals=False)
+            await mrunner.setup()
+            await web.TCPSite(mrunner, self.cfg.metrics.host, self.cfg.metrics.port).start()
+            self._runners.append(mrunner)
+            self.metrics_port = _bound_port(mrunner)
+        await self.kme.start()
+        log.info("KME %s serving ETSI GS QKD 014 on https://%s:%s", self.cfg.kme_id,
+                 self.cfg.listen.host, self.port)
+
+    async def stop(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        await self.kme.stop()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    return int(runner.addresses[0][1])
+
+
+async def serve_forever(cfg: KmeConfig, ready: Callable[[KmeServer], None] | None = None) -> None:
+    server = KmeServer(cfg)
+    await server.start()
+    if ready:
+        ready(server)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()

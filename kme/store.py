@@ -1,0 +1,315 @@
+"""Durable KME state in SQLite (WAL): the link key streams, reserved keys, in-flight requests.
+
+Model. A QKD link delivers the same byte stream into the stores of both KMEs,
+in blocks. A key is a range [offset, offset+length) of that stream; both KMEs
+carve the same range, so they hold the same key without ever sending it.
+
+- `block`    stream bytes not yet handed out; carved bytes are zeroed in place
+             and a block is deleted once every byte of it has been carved.
+- `link`     per peer: `cursor` (first stream byte not yet allocated; the
+             emitter's is authoritative, a receiver keeps the last one it was
+             told), `end` (stream bytes held) and `confirmed_end` (emitter only:
+             bytes the peer has acknowledged; only those may be allocated).
+- `key`      keys reserved for slave SAEs that have not fetched them yet, with
+             `holder` rows: each listed SAE may take the key once.
+- `pending`  key IDs this KME has promised to its own master but not yet
+             delivered; after a failure or a crash they are released at the peer.
+- `released` key IDs released at a peer's request, so a late reservation of
+             the same ID is refused instead of reusing stream bytes.
+
+Every commit is one transaction; with WAL and synchronous=NORMAL a commit
+survives SIGKILL of the process (only an OS crash could lose the last ones).
+`secure_delete` makes SQLite overwrite deleted key material on disk.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kme.errors import ApiError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS link (
+    peer TEXT PRIMARY KEY,
+    cursor INTEGER NOT NULL DEFAULT 0,
+    end INTEGER NOT NULL DEFAULT 0,
+    confirmed_end INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS block (
+    peer TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    consumed INTEGER NOT NULL DEFAULT 0,
+    confirmed INTEGER NOT NULL,
+    PRIMARY KEY (peer, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS key (
+    key_id TEXT PRIMARY KEY,
+    peer TEXT NOT NULL,
+    master TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    material BLOB NOT NULL,
+    created REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS holder (
+    key_id TEXT NOT NULL,
+    sae TEXT NOT NULL,
+    PRIMARY KEY (key_id, sae)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS released (
+    key_id TEXT PRIMARY KEY,
+    at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending (
+    key_id TEXT PRIMARY KEY,
+    peer TEXT NOT NULL,
+    offset INTEGER,
+    length INTEGER NOT NULL,
+    created REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+class StreamGap(Exception):
+    """A stream range that should be held is missing (store damaged or out of sync)."""
+
+
+@dataclass(frozen=True)
+class LinkState:
+    cursor: int
+    end: int
+    confirmed_end: int
+
+
+@dataclass(frozen=True)
+class Pending:
+    key_id: str
+    offset: int | None
+    length: int
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.executescript(SCHEMA)
+        self._in_tx = False
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[None]:
+        """One atomic unit of work; nested use joins the outer transaction."""
+        if self._in_tx:
+            yield
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+        finally:
+            self._in_tx = False
+
+    # -- link stream ---------------------------------------------------------
+
+    def ensure_link(self, peer: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO link(peer) VALUES (?)", (peer,))
+
+    def link_state(self, peer: str) -> LinkState:
+        row = self._db.execute(
+            "SELECT cursor, end, confirmed_end FROM link WHERE peer=?", (peer,)
+        ).fetchone()
+        return LinkState(*row) if row else LinkState(0, 0, 0)
+
+    def append_blocks(self, peer: str, blocks: Sequence[tuple[int, bytes]], *,
+                      confirmed: bool) -> None:
+        """Add stream blocks; a block already held (a re-push) is ignored."""
+        with self.tx():
+            self.ensure_link(peer)
+            self._db.executemany(
+                "INSERT OR IGNORE INTO block(peer, offset, data, confirmed) VALUES (?, ?, ?, ?)",
+                [(peer, off, data, int(confirmed)) for off, data in blocks],
+            )
+            end = max(off + len(data) for off, data in blocks) if blocks else 0
+            self._db.execute("UPDATE link SET end=max(end, ?) WHERE peer=?", (end, peer))
+
+    def unconfirmed_blocks(self, peer: str) -> list[tuple[int, bytes]]:
+        return self._db.execute(
+            "SELECT offset, data FROM block WHERE peer=? AND confirmed=0 ORDER BY offset", (peer,)
+        ).fetchall()
+
+    def confirm_blocks(self, peer: str, upto: int) -> None:
+        with self.tx():
+            self._db.execute(
+                "UPDATE block SET confirmed=1 WHERE peer=? AND confirmed=0 AND offset < ?",
+                (peer, upto),
+            )
+            self._db.execute(
+                "UPDATE link SET confirmed_end=max(confirmed_end, ?) WHERE peer=?", (upto, peer)
+            )
+
+    def note_cursor(self, peer: str, cursor: int) -> None:
+        """Receiver side: remember the emitter's allocation cursor (monotonic)."""
+        self._db.execute("UPDATE link SET cursor=max(cursor, ?) WHERE peer=?", (cursor, peer))
+
+    def allocate(self, peer: str, lengths: Sequence[int]) -> list[int]:
+        """Emitter side: give each length a fresh range of the confirmed stream."""
+        state = self.link_state(peer)
+        total = sum(lengths)
+        if state.cursor + total > state.confirmed_end:
+            raise ApiError.no_key(state.confirmed_end - state.cursor, total)
+        offsets = []
+        pos = state.cursor
+        for n in lengths:
+            offsets.append(pos)
+            pos += n
+        self._db.execute("UPDATE link SET cursor=? WHERE peer=?", (pos, peer))
+        return offsets
+
+    def carve(self, peer: str, offset: int, length: int) -> bytes:
+        """Take stream bytes [offset, offset+length): zero them here, drop spent blocks."""
+        end = offset + length
+        rows = self._db.execute(
+            "SELECT offset, data, consumed FROM block WHERE peer=? AND offset < ? "
+            "ORDER BY offset DESC",
+            (peer, end),
+        )
+        pieces: list[tuple[int, bytes]] = []
+        updates: list[tuple[bytes, int, str, int]] = []
+        deletes: list[tuple[str, int]] = []
+        covered = 0
+        for boff, data, consumed in rows:
+            bend = boff + len(data)
+            if bend <= offset:
+                break
+            lo, hi = max(offset, boff), min(end, bend)
+            pieces.append((lo, data[lo - boff:hi - boff]))
+            covered += hi - lo
+            if consumed + (hi - lo) >= len(data):
+                deletes.append((peer, boff))
+            else:
+                buf = bytearray(data)
+                buf[lo - boff:hi - boff] = bytes(hi - lo)
+                updates.append((bytes(buf), hi - lo, peer, boff))
+        if covered != length:
+            raise StreamGap(f"stream range [{offset}, {end}) from {peer} is not held")
+        if updates:
+            self._db.executemany(
+                "UPDATE block SET data=?, consumed=consumed+? WHERE peer=? AND offset=?", updates
+            )
+        if deletes:
+            self._db.executemany("DELETE FROM block WHERE peer=? AND offset=?", deletes)
+        pieces.sort()
+        return b"".join(p for _, p in pieces)
+
+    def available_bytes(self, peer: str, *, emitter: bool) -> int:
+        s = self.link_state(peer)
+        return max(0, (s.confirmed_end if emitter else s.end) - s.cursor)
+
+    def held_bytes(self, peer: str) -> int:
+        """Stream bytes held but not yet generated into keys (for the capacity limit)."""
+        s = self.link_state(peer)
+        return max(0, s.end - s.cursor)
+
+    # -- keys reserved for slaves -------------------------------------------
+
+    def add_key(self, key_id: str, peer: str, master: str, offset: int, length: int,
+                material: bytes, holders: Sequence[str]) -> None:
+        self._db.execute(
+            "INSERT INTO key(key_id, peer, master, offset, length, material, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key_id, peer, master, offset, length, material, time.time()),
+        )
+        self._db.executemany(
+            "INSERT INTO holder(key_id, sae) VALUES (?, ?)", [(key_id, h) for h in holders]
+        )
+
+    def take_keys(self, sae: str, master: str, key_ids: Sequence[str]) -> list[bytes]:
+        """Hand keys to one of their slaves, once; all or nothing (call inside `tx`)."""
+        out = []
+        for key_id in key_ids:
+            row = self._db.execute(
+                "SELECT master, material FROM key WHERE key_id=?", (key_id,)
+            ).fetchone()
+            if row is None:
+                raise ApiError.bad_request(f"unknown key_ID {key_id}")
+            held = self._db.execute(
+                "SELECT 1 FROM holder WHERE key_id=? AND sae=?", (key_id, sae)
+            ).fetchone()
+            if row[0] != master or not held:
+                raise ApiError.unauthorized(
+                    f"key_ID {key_id} is not a key from master SAE {master} for SAE {sae}"
+                )
+            self._db.execute("DELETE FROM holder WHERE key_id=? AND sae=?", (key_id, sae))
+            left = self._db.execute(
+                "SELECT count(*) FROM holder WHERE key_id=?", (key_id,)
+            ).fetchone()[0]
+            if not left:
+                self._db.execute("DELETE FROM key WHERE key_id=?", (key_id,))
+            out.append(row[1])
+        return out
+
+    def drop_key(self, key_id: str) -> tuple[int, int] | None:
+        """Forget a reserved key nobody will fetch; returns its stream range."""
+        row = self._db.execute(
+            "SELECT offset, length FROM key WHERE key_id=?", (key_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        self._db.execute("DELETE FROM holder WHERE key_id=?", (key_id,))
+        self._db.execute("DELETE FROM key WHERE key_id=?", (key_id,))
+        return row[0], row[1]
+
+    def reserved_key_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM key").fetchone()[0])
+
+    # -- in-flight promises to our own masters ------------------------------
+
+    def add_pending(self, peer: str, entries: Sequence[Pending]) -> None:
+        now = time.time()
+        self._db.executemany(
+            "INSERT INTO pending(key_id, peer, offset, length, created) VALUES (?, ?, ?, ?, ?)",
+            [(p.key_id, peer, p.offset, p.length, now) for p in entries],
+        )
+
+    def drop_pending(self, key_ids: Sequence[str]) -> None:
+        self._db.executemany("DELETE FROM pending WHERE key_id=?", [(k,) for k in key_ids])
+
+    def pending(self, peer: str) -> list[Pending]:
+        rows = self._db.execute(
+            "SELECT key_id, offset, length FROM pending WHERE peer=? ORDER BY created", (peer,)
+        ).fetchall()
+        return [Pending(*r) for r in rows]
+
+    # -- released key IDs ------------------------------------------------------
+
+    def add_released(self, key_ids: Sequence[str]) -> None:
+        now = time.time()
+        self._db.executemany(
+            "INSERT OR IGNORE INTO released(key_id, at) VALUES (?, ?)", [(k, now) for k in key_ids]
+        )
+
+    def any_released(self, key_ids: Sequence[str]) -> bool:
+        for k in key_ids:
+            if self._db.execute("SELECT 1 FROM released WHERE key_id=?", (k,)).fetchone():
+                return True
+        return False
+
+    def prune_released(self, older_than_s: float) -> None:
+        self._db.execute("DELETE FROM released WHERE at < ?", (time.time() - older_than_s,))

@@ -1,0 +1,3 @@
+from qgw.cli import app
+
+app(prog_name="qgw")

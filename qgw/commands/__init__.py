@@ -1,0 +1,1 @@
+"""Subcommands of `qgw`, one module per group."""
