@@ -1,9 +1,12 @@
 """ETSI GS QKD 014 client over mutual TLS.
 
-One `ssl.SSLContext` built once and mounted on a `requests.Session`, so
-connections are reused (a fresh context per connection costs ~20 ms).
-`trust_env` is off: a REQUESTS_CA_BUNDLE or proxy in the environment must not
-silently replace the KME's CA.
+One `ssl.SSLContext`, built once, on one urllib3 connection pool per KME, so
+connections are reused (a fresh context per connection costs ~20 ms, a fresh
+TLS handshake ~20 ms more). The pool is urllib3's, without requests on top:
+requests added 0.85 ms of CPU to every call here (cookie, hook, redirect and
+environment merging a KME client never needs), more than the KME spends
+answering. Nothing is read from the environment: no REQUESTS_CA_BUNDLE or
+proxy can replace the KME's CA, and certifi's CAs are never loaded.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import requests
-from requests.adapters import HTTPAdapter
+import urllib3
+from urllib3.exceptions import HTTPError, SSLError
 
 from keyclient.errors import KMEError, KMEUnavailable, KMEUnreachable, from_status
 from qgw.secret import Secret
@@ -56,30 +59,23 @@ class KmeStatus:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-class _ContextAdapter(HTTPAdapter):
-    def __init__(self, ctx: Any, pool_size: int) -> None:
-        self._ctx = ctx
-        super().__init__(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["ssl_context"] = self._ctx
-        super().init_poolmanager(*args, **kwargs)
-
-
 class Etsi014Client:
     """Client of one KME for one SAE (the one named by the client certificate)."""
 
     def __init__(self, url: str, tls: TlsFiles, *, timeout_s: float = 5.0, retries: int = 3,
                  backoff_s: float = 0.05, pool_size: int = 8) -> None:
         self.url = url.rstrip("/")
-        self.timeout = (min(timeout_s, 3.0), timeout_s)
+        parsed = urllib3.util.parse_url(self.url)
+        if parsed.scheme != "https" or not parsed.host:
+            raise ValueError(f"KME URL must be https://host[:port], not {url!r}")
+        self._prefix = parsed.path or ""
         self.retries = retries
         self.backoff_s = backoff_s
-        self._session = requests.Session()
-        self._session.trust_env = False
-        self._session.verify = str(tls.ca)  # our CA only; True would add certifi's
-        adapter = _ContextAdapter(client_context(tls), pool_size)
-        self._session.mount("https://", adapter)
+        self._pool = urllib3.HTTPSConnectionPool(
+            parsed.host, parsed.port or 443, ssl_context=client_context(tls),
+            maxsize=pool_size, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=min(timeout_s, 3.0), read=timeout_s),
+        )
 
     def __enter__(self) -> Etsi014Client:
         return self
@@ -88,7 +84,7 @@ class Etsi014Client:
         self.close()
 
     def close(self) -> None:
-        self._session.close()
+        self._pool.close()
 
     # -- the three ETSI calls --------------------------------------------------------
 
@@ -139,32 +135,32 @@ class Etsi014Client:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One ETSI call with bounded retries; every failure becomes a KMEError."""
-        url = self.url + path
+        url = self._prefix + path
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         attempt = 0
         while True:
             try:
-                resp = self._session.request(method, url, data=payload, headers=headers,
-                                             timeout=self.timeout)
-            except requests.exceptions.SSLError as exc:
+                resp = self._pool.urlopen(method, url, body=payload, headers=headers)
+            except SSLError as exc:
                 error: KMEError = KMEUnreachable(None, f"TLS handshake failed: {_reason(exc)}",
                                                  self.url)
                 raise error from None  # a certificate problem does not heal by retrying
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            except (HTTPError, OSError) as exc:
                 error = KMEUnreachable(None, f"cannot reach the KME: {_reason(exc)}", self.url)
             else:
+                raw = resp.data
                 try:
-                    data = resp.json() if resp.content else {}
+                    data = json.loads(raw) if raw else {}
                 except ValueError:
                     data = None
-                if resp.status_code == 200 and isinstance(data, dict):
+                if resp.status == 200 and isinstance(data, dict):
                     return data
                 message = data.get("message") if isinstance(data, dict) else None
-                error = from_status(resp.status_code,
-                                    str(message or f"non-JSON answer ({len(resp.content)} bytes)"),
+                error = from_status(resp.status,
+                                    str(message or f"non-JSON answer ({len(raw)} bytes)"),
                                     self.url)
-                if resp.status_code == 200:
+                if resp.status == 200:
                     error = KMEError(200, "answer is not a JSON object", self.url)
             if not isinstance(error, KMEUnavailable) or attempt >= self.retries:
                 raise error

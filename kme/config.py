@@ -87,7 +87,7 @@ class Link(Strict):
     url: str
     key_rate_bps: Annotated[float, Field(ge=0)] | None = None
     loss_db: Annotated[float, Field(ge=0)] = 10.0
-    block_bytes: Annotated[int, Field(ge=8, le=1 << 20)] = 256
+    block_bytes: Annotated[int, Field(ge=8, le=1 << 20)] | None = None
 
     @field_validator("url")
     @classmethod
@@ -99,6 +99,22 @@ class Link(Strict):
     @property
     def rate_bps(self) -> float:
         return self.key_rate_bps if self.key_rate_bps is not None else rate_from_loss(self.loss_db)
+
+    @property
+    def block_size(self) -> int:
+        """Bytes per delivered block: about 20 blocks a second, 32 B to 64 KiB.
+
+        QKD devices deliver key after each round of error correction and
+        privacy amplification; small blocks keep slow links responsive, big
+        ones keep fast links cheap.
+        """
+        if self.block_bytes is not None:
+            return self.block_bytes
+        target = self.rate_bps / 8 / 20
+        size = 32
+        while size < target and size < 65536:
+            size *= 2
+        return size
 
 
 class KmeConfig(Strict):

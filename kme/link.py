@@ -7,6 +7,10 @@ once the peer has stored it, so both stores always hold every usable byte.
 No key is produced while the peer is unreachable (a QKD link needs its
 classical channel), nor beyond the store capacity (devices stop when full).
 
+Reservations for the peer are batched: while a reservation call is in
+flight, new ones queue and leave together in the next call, so a burst of
+enc_keys requests costs the peer a few HTTPS requests, not one each.
+
 Both ends also run the releaser: key IDs promised to a master whose delivery
 failed (peer error, crash) are released at the peer and their stream bytes
 discarded on both sides.
@@ -20,6 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kme.config import Link
 from kme.metrics import KmeMetrics
@@ -29,6 +34,9 @@ from kme.store import Pending, Store, StreamGap
 log = logging.getLogger("qgw.kme.link")
 
 PUSH_MAX_BLOCKS = 512
+PUSH_MAX_BYTES = 1 << 20
+RESERVE_MAX_GROUPS = 256
+RESERVE_MAX_IN_FLIGHT = 2
 HEARTBEAT_S = 1.0
 MAX_BACKOFF_S = 2.0
 
@@ -53,6 +61,9 @@ class LinkRuntime:
         self._release_queue: dict[str, Pending] = {}
         self._release_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._reserve_queue: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self._reserve_in_flight = 0
+        self._flush_scheduled = False
         store.ensure_link(self.peer)
         if self.rate_bps is not None:
             metrics.link_rate.labels(peer=self.peer).set(self.rate_bps)
@@ -94,7 +105,7 @@ class LinkRuntime:
     # -- emitter ---------------------------------------------------------------
 
     async def _emit_loop(self) -> None:
-        block = self.cfg.block_bytes
+        block = self.cfg.block_size
         credit = 0.0
         last = self.clock()
         backoff = self.tick_s
@@ -119,7 +130,7 @@ class LinkRuntime:
 
     def _generate(self, credit_bits: float) -> int:
         """Turn whole blocks of credit into stream blocks; returns the bits used."""
-        block = self.cfg.block_bytes
+        block = self.cfg.block_size
         count = int(credit_bits // (block * 8))
         room = (self.capacity_bytes - self.store.held_bytes(self.peer)) // block
         count = max(0, min(count, room))
@@ -132,7 +143,13 @@ class LinkRuntime:
         return count * block * 8
 
     async def _push(self) -> None:
-        blocks = self.store.unconfirmed_blocks(self.peer)[:PUSH_MAX_BLOCKS]
+        blocks = self.store.unconfirmed_blocks(self.peer)
+        size, cut = 0, 0
+        for cut, (_, data) in enumerate(blocks[:PUSH_MAX_BLOCKS], 1):  # noqa: B007
+            size += len(data)
+            if size >= PUSH_MAX_BYTES:
+                break
+        blocks = blocks[:cut]
         due = self.last_contact is None or self.clock() - self.last_contact >= HEARTBEAT_S
         if not blocks and self.up and not due:
             return
@@ -149,6 +166,60 @@ class LinkRuntime:
             off, data = blocks[-1]
             self.store.confirm_blocks(self.peer, off + len(data))
         self.metrics.link_available_bits.labels(peer=self.peer).set(self.available_bytes() * 8)
+
+    # -- batched reservations --------------------------------------------------
+
+    async def reserve(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Reserve one enc_keys request's keys at the peer; raises PeerError."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._reserve_queue.append((group, fut))
+        self._schedule_flush()
+        return await fut
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._reserve_in_flight < RESERVE_MAX_IN_FLIGHT:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._reserve_queue or self._reserve_in_flight >= RESERVE_MAX_IN_FLIGHT:
+            return
+        batch = self._reserve_queue[:RESERVE_MAX_GROUPS]
+        del self._reserve_queue[:len(batch)]
+        self._reserve_in_flight += 1
+        task = asyncio.create_task(self._send_reservations(batch))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _send_reservations(
+            self, batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]) -> None:
+        try:
+            reply = await self.client.call("/kme/v1/reserve",
+                                           {"groups": [group for group, _ in batch]})
+            results = reply.get("groups")
+            if not isinstance(results, list) or len(results) != len(batch):
+                raise PeerError(self.peer, 200, "reservation answer does not match the request")
+        except PeerError as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+        else:
+            for (_, fut), result in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                error = result.get("error") if isinstance(result, dict) else None
+                if isinstance(error, dict):
+                    fut.set_exception(PeerError(self.peer, int(error.get("status", 503)),
+                                                str(error.get("message", "refused"))))
+                elif isinstance(result, dict):
+                    fut.set_result(result)
+                else:
+                    fut.set_exception(PeerError(self.peer, 200, "malformed reservation answer"))
+        finally:
+            self._reserve_in_flight -= 1
+            if self._reserve_queue:
+                self._schedule_flush()
 
     # -- releaser --------------------------------------------------------------
 

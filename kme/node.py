@@ -101,7 +101,7 @@ class Kme:
             raise ApiError.bad_request(f"no QKD link from {self.kme_id} to {peer}")
         return link
 
-    def _peer_link(self, caller: Identity | None) -> LinkRuntime:
+    def peer_link(self, caller: Identity | None) -> LinkRuntime:
         if caller is None or caller.role != ROLE_KME or caller.name not in self.links:
             raise ApiError.unauthorized("only a linked peer KME may call the KME-to-KME API")
         return self.links[caller.name]
@@ -160,7 +160,7 @@ class Kme:
         if link.emitter:
             body["cursor"] = self.store.link_state(link.peer).cursor
         try:
-            reply = await link.client.call("/kme/v1/reserve", body)
+            reply = await link.reserve(body)
             link.mark_contact(True)
         except PeerError as exc:
             link.queue_release(pend)
@@ -211,7 +211,7 @@ class Kme:
     # -- KME-to-KME --------------------------------------------------------------
 
     def peer_stream(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
-        link = self._peer_link(caller)
+        link = self.peer_link(caller)
         if link.emitter:
             raise ApiError.bad_request(f"{self.kme_id} is the emitter of this link, not {link.peer}")
         blocks = []
@@ -238,7 +238,17 @@ class Kme:
         return {"end": self.store.link_state(link.peer).end}
 
     def peer_reserve(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
-        link = self._peer_link(caller)
+        """Reserve keys for the peer's masters: a batch of groups, each all or nothing."""
+        link = self.peer_link(caller)
+        results: list[dict[str, Any]] = []
+        for group in _list(body, "groups"):
+            try:
+                results.append(self._reserve_group(link, group))
+            except ApiError as exc:
+                results.append({"error": {"status": exc.status, "message": exc.message}})
+        return {"groups": results}
+
+    def _reserve_group(self, link: LinkRuntime, body: dict[str, Any]) -> dict[str, Any]:
         master = body.get("master")
         slaves = body.get("slaves")
         if not isinstance(master, str) or self.cfg.saes.get(master) != link.peer:
@@ -247,9 +257,8 @@ class Kme:
                 or any(self.cfg.saes.get(s) != self.kme_id for s in slaves)):
             raise ApiError.bad_request(f"slave SAEs {slaves!r} are not all attached to "
                                        f"{self.kme_id}")
-        keys = _list(body, "keys")
         ids, lengths, offsets = [], [], []
-        for k in keys:
+        for k in _list(body, "keys"):
             kid, length, off = k.get("key_ID"), k.get("length"), k.get("offset")
             if not isinstance(kid, str) or not isinstance(length, int) or length <= 0:
                 raise ApiError.bad_request("each key needs a key_ID and a length")
@@ -276,7 +285,6 @@ class Kme:
         except StreamGap as exc:
             log.error("reservation from %s for a range this KME lacks: %s", link.peer, exc)
             raise ApiError.unavailable("key stream out of step with the peer KME") from None
-        self.metrics.reserved_keys.set(self.store.reserved_key_count())
         out: dict[str, Any] = {"keys": [{"key_ID": k, "offset": o}
                                         for k, o in zip(ids, offsets, strict=True)]}
         if link.emitter:
@@ -284,7 +292,7 @@ class Kme:
         return out
 
     def peer_release(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
-        link = self._peer_link(caller)
+        link = self.peer_link(caller)
         released = []
         with self.store.tx():
             for k in _list(body, "keys"):
@@ -300,7 +308,6 @@ class Kme:
                         self.store.carve(link.peer, off, length)
                     except StreamGap:
                         pass  # never reserved here and already discarded: nothing to do
-        self.metrics.reserved_keys.set(self.store.reserved_key_count())
         return {"released": released}
 
     def describe(self) -> dict[str, Any]:

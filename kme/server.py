@@ -16,13 +16,15 @@ from importlib.resources import files
 from typing import Any
 
 import yaml
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kme import wire014
 from kme.config import KmeConfig
 from kme.errors import ApiError
 from kme.node import Kme
+from kme.peer import MAX_MESSAGE as PEER_MAX_MESSAGE
+from kme.peer import WS_PATH
 from qgw.tls import Identity, peer_identity, server_context
 
 log = logging.getLogger("qgw.kme")
@@ -108,12 +110,47 @@ async def openapi(request: web.Request) -> web.Response:
     return _json(doc)
 
 
-def _peer(method: Callable[[Kme, Identity | None, dict[str, Any]], dict[str, Any]]) -> Handler:
-    async def handler(request: web.Request) -> web.Response:
-        kme = request.app[KME_KEY]
-        body = await _body(request, allow_empty=False)
-        return _json(method(kme, _caller(request), body))
-    return handler
+PEER_OPS: dict[str, Callable[[Kme, Identity | None, dict[str, Any]], dict[str, Any]]] = {
+    "/kme/v1/stream": Kme.peer_stream,
+    "/kme/v1/reserve": Kme.peer_reserve,
+    "/kme/v1/release": Kme.peer_release,
+}
+
+
+async def peer_socket(request: web.Request) -> web.StreamResponse:
+    """The KME-to-KME link: a WebSocket of {id, op, body} calls and {id, status, body} answers."""
+    kme = request.app[KME_KEY]
+    caller = _caller(request)
+    kme.peer_link(caller)  # refuses (401) anyone but a linked peer KME, before the upgrade
+    ws = web.WebSocketResponse(max_msg_size=PEER_MAX_MESSAGE, heartbeat=10.0)
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type is not WSMsgType.TEXT:
+            continue
+        started = time.perf_counter()
+        try:
+            call = json.loads(msg.data)
+            call_id, op, body = call["id"], call["op"], call["body"]
+        except (ValueError, KeyError, TypeError):
+            await ws.send_str(json.dumps({"id": None, "status": 400,
+                                          "body": {"message": "malformed peer call"}}))
+            continue
+        method = PEER_OPS.get(op)
+        try:
+            if method is None:
+                raise ApiError.bad_request(f"unknown peer operation {op!r}")
+            if not isinstance(body, dict):
+                raise ApiError.bad_request("peer call body must be an object")
+            status, data = 200, method(kme, caller, body)
+        except ApiError as exc:
+            status, data = exc.status, exc.body()
+        except Exception:
+            log.exception("internal error in peer call %s", op)
+            status, data = 500, {"message": "internal KME error"}
+        await ws.send_str(json.dumps({"id": call_id, "status": status, "body": data}))
+        kme.metrics.request(f"peer{op.rsplit('/', 1)[-1] if isinstance(op, str) else ''}",
+                            status, time.perf_counter() - started)
+    return ws
 
 
 def make_app(kme: Kme) -> web.Application:
@@ -127,9 +164,7 @@ def make_app(kme: Kme) -> web.Application:
     r.add_route("GET", base + "/dec_keys", dec_keys, name="dec_keys")
     r.add_route("POST", base + "/dec_keys", dec_keys, name="dec_keys_post")
     r.add_get("/api/v1/openapi.json", openapi, name="openapi")
-    r.add_post("/kme/v1/stream", _peer(Kme.peer_stream), name="peer_stream")
-    r.add_post("/kme/v1/reserve", _peer(Kme.peer_reserve), name="peer_reserve")
-    r.add_post("/kme/v1/release", _peer(Kme.peer_release), name="peer_release")
+    r.add_get(WS_PATH, peer_socket, name="peer_link")
     return app
 
 
@@ -137,6 +172,7 @@ def _metrics_app(kme: Kme) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         for link in kme.links.values():
             kme.metrics.link_available_bits.labels(peer=link.peer).set(link.available_bytes() * 8)
+        kme.metrics.reserved_keys.set(kme.store.reserved_key_count())
         return web.Response(body=generate_latest(kme.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -4,8 +4,10 @@ Model. A QKD link delivers the same byte stream into the stores of both KMEs,
 in blocks. A key is a range [offset, offset+length) of that stream; both KMEs
 carve the same range, so they hold the same key without ever sending it.
 
-- `block`    stream bytes not yet handed out; carved bytes are zeroed in place
-             and a block is deleted once every byte of it has been carved.
+- `block`    stream blocks not yet fully handed out, with a count of carved
+             bytes; the bytes themselves are in `block_data` (kept apart so
+             counting a carve does not rewrite the blob). A block is deleted,
+             and its bytes overwritten on disk, once every byte was carved.
 - `link`     per peer: `cursor` (first stream byte not yet allocated; the
              emitter's is authoritative, a receiver keeps the last one it was
              told), `end` (stream bytes held) and `confirmed_end` (emitter only:
@@ -43,11 +45,17 @@ CREATE TABLE IF NOT EXISTS link (
 CREATE TABLE IF NOT EXISTS block (
     peer TEXT NOT NULL,
     offset INTEGER NOT NULL,
-    data BLOB NOT NULL,
+    length INTEGER NOT NULL,
     consumed INTEGER NOT NULL DEFAULT 0,
     confirmed INTEGER NOT NULL,
     PRIMARY KEY (peer, offset)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS block_data (
+    peer TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (peer, offset)
+);
 CREATE TABLE IF NOT EXISTS key (
     key_id TEXT PRIMARY KEY,
     peer TEXT NOT NULL,
@@ -143,15 +151,21 @@ class Store:
         with self.tx():
             self.ensure_link(peer)
             self._db.executemany(
-                "INSERT OR IGNORE INTO block(peer, offset, data, confirmed) VALUES (?, ?, ?, ?)",
-                [(peer, off, data, int(confirmed)) for off, data in blocks],
+                "INSERT OR IGNORE INTO block(peer, offset, length, confirmed) VALUES (?, ?, ?, ?)",
+                [(peer, off, len(data), int(confirmed)) for off, data in blocks],
+            )
+            self._db.executemany(
+                "INSERT OR IGNORE INTO block_data(peer, offset, data) VALUES (?, ?, ?)",
+                [(peer, off, data) for off, data in blocks],
             )
             end = max(off + len(data) for off, data in blocks) if blocks else 0
             self._db.execute("UPDATE link SET end=max(end, ?) WHERE peer=?", (end, peer))
 
     def unconfirmed_blocks(self, peer: str) -> list[tuple[int, bytes]]:
         return self._db.execute(
-            "SELECT offset, data FROM block WHERE peer=? AND confirmed=0 ORDER BY offset", (peer,)
+            "SELECT b.offset, d.data FROM block b JOIN block_data d "
+            "ON d.peer=b.peer AND d.offset=b.offset "
+            "WHERE b.peer=? AND b.confirmed=0 ORDER BY b.offset", (peer,)
         ).fetchall()
 
     def confirm_blocks(self, peer: str, upto: int) -> None:
@@ -183,40 +197,42 @@ class Store:
         return offsets
 
     def carve(self, peer: str, offset: int, length: int) -> bytes:
-        """Take stream bytes [offset, offset+length): zero them here, drop spent blocks."""
+        """Take stream bytes [offset, offset+length); drop blocks all of whose bytes are taken."""
         end = offset + length
         rows = self._db.execute(
-            "SELECT offset, data, consumed FROM block WHERE peer=? AND offset < ? "
+            "SELECT offset, length, consumed FROM block WHERE peer=? AND offset < ? "
             "ORDER BY offset DESC",
             (peer, end),
         )
-        pieces: list[tuple[int, bytes]] = []
-        updates: list[tuple[bytes, int, str, int]] = []
-        deletes: list[tuple[str, int]] = []
-        covered = 0
-        for boff, data, consumed in rows:
-            bend = boff + len(data)
-            if bend <= offset:
+        spans: list[tuple[int, int, int]] = []  # (block offset, start in block, stop in block)
+        spent: list[tuple[str, int]] = []
+        counted: list[tuple[int, str, int]] = []
+        for boff, blen, consumed in rows:
+            if boff + blen <= offset:
                 break
-            lo, hi = max(offset, boff), min(end, bend)
-            pieces.append((lo, data[lo - boff:hi - boff]))
-            covered += hi - lo
-            if consumed + (hi - lo) >= len(data):
-                deletes.append((peer, boff))
+            lo, hi = max(offset, boff) - boff, min(end, boff + blen) - boff
+            spans.append((boff, lo, hi))
+            if consumed + (hi - lo) >= blen:
+                spent.append((peer, boff))
             else:
-                buf = bytearray(data)
-                buf[lo - boff:hi - boff] = bytes(hi - lo)
-                updates.append((bytes(buf), hi - lo, peer, boff))
-        if covered != length:
+                counted.append((hi - lo, peer, boff))
+        if sum(hi - lo for _, lo, hi in spans) != length:
             raise StreamGap(f"stream range [{offset}, {end}) from {peer} is not held")
-        if updates:
+        pieces = []
+        for boff, lo, hi in sorted(spans):
+            (piece,) = self._db.execute(
+                "SELECT substr(data, ?, ?) FROM block_data WHERE peer=? AND offset=?",
+                (lo + 1, hi - lo, peer, boff),
+            ).fetchone()
+            pieces.append(piece)
+        if counted:
             self._db.executemany(
-                "UPDATE block SET data=?, consumed=consumed+? WHERE peer=? AND offset=?", updates
+                "UPDATE block SET consumed=consumed+? WHERE peer=? AND offset=?", counted
             )
-        if deletes:
-            self._db.executemany("DELETE FROM block WHERE peer=? AND offset=?", deletes)
-        pieces.sort()
-        return b"".join(p for _, p in pieces)
+        if spent:
+            self._db.executemany("DELETE FROM block WHERE peer=? AND offset=?", spent)
+            self._db.executemany("DELETE FROM block_data WHERE peer=? AND offset=?", spent)
+        return b"".join(pieces)
 
     def available_bytes(self, peer: str, *, emitter: bool) -> int:
         s = self.link_state(peer)
