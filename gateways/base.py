@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import importlib
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
@@ -31,7 +31,7 @@ ENTRY_POINT_GROUP = "qkdgw.gateways"
 BUILTIN: dict[str, str] = {}
 
 
-class GatewayState(str, Enum):
+class GatewayState(StrEnum):
     CREATED = "created"
     STARTING = "starting"
     RUNNING = "running"

@@ -9,6 +9,7 @@ path can implement the same three methods over it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -275,7 +276,5 @@ class TlsControlChannel:
 
 
 def _close_quietly(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass

@@ -13,19 +13,19 @@ it never sends plaintext.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class SupplyMode(str, Enum):
+class SupplyMode(StrEnum):
     QKD = "qkd"
     HYBRID = "hybrid"
     QKD_OR_PQC = "qkd-or-pqc"
 
 
-class KeySource(str, Enum):
+class KeySource(StrEnum):
     QKD = "qkd"
     HYBRID = "hybrid"
     PQC = "pqc"

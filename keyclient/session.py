@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from keyclient.control import ChannelDown, ControlChannel, Message
@@ -41,12 +41,12 @@ from keyclient.policy import KeySource, SessionPolicy
 log = logging.getLogger("qgw.keyclient.session")
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     MASTER = "master"
     SLAVE = "slave"
 
 
-class SessionState(str, Enum):
+class SessionState(StrEnum):
     STARTING = "starting"            # no key agreed yet
     PROTECTED = "protected"          # a current key within its budget
     GRACE = "grace"                  # rekey overdue and failing; old key kept within grace_s

@@ -138,11 +138,8 @@ class KmeConfig(Strict):
             raise ValueError("two links to the same peer KME")
         if self.kme_id in peers:
             raise ValueError("a KME cannot have a link to itself")
-        known = set(peers) | {self.kme_id}
-        for sae, kme in self.saes.items():
-            if kme not in known:
-                raise ValueError(f"SAE {sae} is attached to {kme}, which is neither this KME "
-                                 f"nor a linked peer")
+        if not any(kme == self.kme_id for kme in self.saes.values()):
+            raise ValueError(f"no SAE is attached to {self.kme_id}")
         return self
 
     def link_to(self, kme_id: str) -> Link | None:

@@ -56,6 +56,8 @@ class LinkRuntime:
         self.clock = clock
         # A receiver learns the modelled rate from the emitter's pushes.
         self.rate_bps: float | None = cfg.rate_bps if self.emitter else None
+        # A block never exceeds the store: devices deliver what fits.
+        self.block_size = min(cfg.block_size, capacity_bytes)
         self.up = False
         self.last_contact: float | None = None
         self._release_queue: dict[str, Pending] = {}
@@ -105,7 +107,7 @@ class LinkRuntime:
     # -- emitter ---------------------------------------------------------------
 
     async def _emit_loop(self) -> None:
-        block = self.cfg.block_size
+        block = self.block_size
         credit = 0.0
         last = self.clock()
         backoff = self.tick_s
@@ -130,7 +132,7 @@ class LinkRuntime:
 
     def _generate(self, credit_bits: float) -> int:
         """Turn whole blocks of credit into stream blocks; returns the bits used."""
-        block = self.cfg.block_size
+        block = self.block_size
         count = int(credit_bits // (block * 8))
         room = (self.capacity_bytes - self.store.held_bytes(self.peer)) // block
         count = max(0, min(count, room))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 import uuid
@@ -213,7 +214,8 @@ class Kme:
     def peer_stream(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
         link = self.peer_link(caller)
         if link.emitter:
-            raise ApiError.bad_request(f"{self.kme_id} is the emitter of this link, not {link.peer}")
+            raise ApiError.bad_request(
+                f"{self.kme_id} is the emitter of this link, not {link.peer}")
         blocks = []
         for item in _list(body, "blocks"):
             off, data = item.get("offset"), item.get("data")
@@ -304,10 +306,9 @@ class Kme:
                 if rng is not None:
                     released.append({"key_ID": kid, "offset": rng[0], "length": rng[1]})
                 elif isinstance(off, int) and off >= 0:
-                    try:
+                    # Never reserved here: discard the range, unless already discarded.
+                    with contextlib.suppress(StreamGap):
                         self.store.carve(link.peer, off, length)
-                    except StreamGap:
-                        pass  # never reserved here and already discarded: nothing to do
         return {"released": released}
 
     def describe(self) -> dict[str, Any]:

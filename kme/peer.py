@@ -53,12 +53,13 @@ class PeerClient:
         self._ids = itertools.count(1)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        ws, reader = self._ws, self._reader
+        if reader is not None:
+            reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        if self._ws is not None:
-            await self._ws.close()
+                await reader
+        if ws is not None:
+            await ws.close()
         if self._session is not None:
             await self._session.close()
         self._ws = self._session = self._reader = None

@@ -13,7 +13,8 @@ carve the same range, so they hold the same key without ever sending it.
              told), `end` (stream bytes held) and `confirmed_end` (emitter only:
              bytes the peer has acknowledged; only those may be allocated).
 - `key`      keys reserved for slave SAEs that have not fetched them yet, with
-             `holder` rows: each listed SAE may take the key once.
+             `holder` rows: each listed SAE may take the key once (`taken`
+             remembers who did, so asking twice is "already delivered").
 - `pending`  key IDs this KME has promised to its own master but not yet
              delivered; after a failure or a crash they are released at the peer.
 - `released` key IDs released at a peer's request, so a late reservation of
@@ -68,6 +69,7 @@ CREATE TABLE IF NOT EXISTS key (
 CREATE TABLE IF NOT EXISTS holder (
     key_id TEXT NOT NULL,
     sae TEXT NOT NULL,
+    taken INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (key_id, sae)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS released (
@@ -266,17 +268,20 @@ class Store:
             if row is None:
                 raise ApiError.bad_request(f"unknown key_ID {key_id}")
             held = self._db.execute(
-                "SELECT 1 FROM holder WHERE key_id=? AND sae=?", (key_id, sae)
+                "SELECT taken FROM holder WHERE key_id=? AND sae=?", (key_id, sae)
             ).fetchone()
             if row[0] != master or not held:
                 raise ApiError.unauthorized(
                     f"key_ID {key_id} is not a key from master SAE {master} for SAE {sae}"
                 )
-            self._db.execute("DELETE FROM holder WHERE key_id=? AND sae=?", (key_id, sae))
+            if held[0]:
+                raise ApiError.bad_request(f"key_ID {key_id} was already delivered to {sae}")
+            self._db.execute("UPDATE holder SET taken=1 WHERE key_id=? AND sae=?", (key_id, sae))
             left = self._db.execute(
-                "SELECT count(*) FROM holder WHERE key_id=?", (key_id,)
+                "SELECT count(*) FROM holder WHERE key_id=? AND taken=0", (key_id,)
             ).fetchone()[0]
             if not left:
+                self._db.execute("DELETE FROM holder WHERE key_id=?", (key_id,))
                 self._db.execute("DELETE FROM key WHERE key_id=?", (key_id,))
             out.append(row[1])
         return out

@@ -33,7 +33,8 @@ def _apply_env(data: dict[str, Any], prefix: str, env: Mapping[str, str]) -> lis
         for part in path[:-1]:
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(name, ".".join(path), "environment override crosses a non-mapping")
+                raise ConfigError(name, ".".join(path),
+                                  "environment override crosses a non-mapping")
             node = nxt
         node[path[-1]] = yaml.safe_load(raw)
         applied.append(name)

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qgw.pki import Pki
+from tests.harness import KmePair, make_pki
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def foreign_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Another CA issuing certificates with the very same names."""
+    return make_pki(tmp_path_factory.mktemp("foreign-pki"))
+
+
+@pytest.fixture
+def kmes(tmp_path: Path, pki: Pki) -> Iterator[KmePair]:
+    pair = KmePair(tmp_path, pki).start()
+    try:
+        pair.wait_for_keys()
+        yield pair
+    finally:
+        pair.close()
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.fail("this test needs root and iproute2 (CI provides both: .ci/run)")

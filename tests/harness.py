@@ -1,0 +1,133 @@
+"""Test harness: KMEs running in this process on a background event loop.
+
+Real TLS on loopback, real SQLite stores, the same code as `qgw kme serve`;
+only the process boundary is left out (tests/kme/test_crash.py keeps it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from keyclient import Etsi014Client
+from kme.config import KmeConfig
+from kme.server import KmeServer
+from qgw.pki import KmeSpec, Pki, SaeSpec, init_pki
+
+T = TypeVar("T")
+
+SAES = {"SAE_1": "KME_A", "SAE_2": "KME_B", "SAE_3": "KME_B", "SAE_4": "KME_A",
+        "SAE_9": "KME_C"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_pki(root: Path) -> Pki:
+    init_pki(root, [KmeSpec.parse(k) for k in ("KME_A", "KME_B", "KME_C")],
+             [SaeSpec(s, k) for s, k in SAES.items()])
+    return Pki(root)
+
+
+class Loop:
+    """An asyncio loop in a daemon thread, for servers the test talks to synchronously."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+class KmePair:
+    """KME_A and KME_B joined by one simulated link."""
+
+    def __init__(self, tmp: Path, pki: Pki, *, rate_bps: float = 1e6,
+                 limits: dict[str, int] | None = None, peer_timeout_s: float = 2.0,
+                 tick_s: float = 0.02) -> None:
+        self.tmp = tmp
+        self.pki = pki
+        self.loop = Loop()
+        self.ports = {"KME_A": free_port(), "KME_B": free_port()}
+        self.servers: dict[str, KmeServer] = {}
+        self.configs = {
+            kme: self._config(kme, peer, rate_bps, limits or {}, peer_timeout_s, tick_s)
+            for kme, peer in (("KME_A", "KME_B"), ("KME_B", "KME_A"))
+        }
+        self.clients: list[Etsi014Client] = []
+        self._cleanups: list[Callable[[], object]] = []
+
+    def _config(self, kme: str, peer: str, rate: float, limits: dict[str, int],
+                peer_timeout_s: float, tick_s: float) -> KmeConfig:
+        f = self.pki.kme_files(kme)
+        return KmeConfig.model_validate({
+            "kme_id": kme,
+            "listen": {"host": "127.0.0.1", "port": self.ports[kme]},
+            "tls": {"ca": f.ca, "cert": f.cert, "key": f.key},
+            "store": self.tmp / f"{kme}.sqlite",
+            "saes": SAES,
+            "links": [{"peer": peer, "url": f"https://localhost:{self.ports[peer]}",
+                       "key_rate_bps": rate}],
+            "limits": limits,
+            "peer_timeout_s": peer_timeout_s,
+            "tick_s": tick_s,
+        })
+
+    def url(self, kme: str) -> str:
+        return f"https://localhost:{self.ports[kme]}"
+
+    def start(self, *kmes: str) -> KmePair:
+        for kme in kmes or ("KME_A", "KME_B"):
+            server = KmeServer(self.configs[kme])
+            self.loop.run(server.start())
+            self.servers[kme] = server
+        return self
+
+    def stop(self, *kmes: str) -> None:
+        for kme in kmes or tuple(self.servers):
+            server = self.servers.pop(kme, None)
+            if server is not None:
+                self.loop.run(server.stop())
+
+    def client(self, sae: str, **kwargs: Any) -> Etsi014Client:
+        kme = SAES[sae]
+        c = Etsi014Client(self.url(kme), self.pki.sae_files(sae), **kwargs)
+        self.clients.append(c)
+        return c
+
+    def wait_for_keys(self, count: int = 8, timeout_s: float = 10.0) -> None:
+        a = self.client("SAE_1")
+        b = self.client("SAE_2")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if min(a.status("SAE_2").stored_key_count,
+                   b.status("SAE_1").stored_key_count) >= count:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"link did not deliver {count} keys in {timeout_s} s")
+
+    def on_close(self, fn: Callable[[], object]) -> None:
+        self._cleanups.append(fn)
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        for fn in self._cleanups:
+            fn()
+        self.stop()
+        self.loop.close()
