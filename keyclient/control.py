@@ -62,6 +62,12 @@ class LoopbackChannel:
         a.peer, b.peer = b, a
         return a, b
 
+    def rejoin(self) -> LoopbackChannel:
+        """A new far end for this channel: the peer restarted and connects again."""
+        other = LoopbackChannel()
+        other.peer, self.peer = self, other
+        return other
+
     def bind(self, on_message: OnMessage, on_link: OnLink) -> None:
         self._on_message, self._on_link = on_message, on_link
 
@@ -176,7 +182,8 @@ class TlsControlChannel:
                 raise ChannelDown(f"sending to {self.peer_sae} failed: {exc}") from None
 
     def close(self) -> None:
-        self._closed.set()
+        with self._lock:
+            self._closed.set()
         self._drop(None)
         if self._server is not None:
             self._server.close()
@@ -197,6 +204,9 @@ class TlsControlChannel:
     def _adopt(self, sock: ssl.SSLSocket) -> None:
         sock.settimeout(None)
         with self._lock:
+            if self._closed.is_set():  # closed while this connection was being set up
+                _close_quietly(sock)
+                return
             old, self._sock = self._sock, sock
         if old is not None:
             _close_quietly(old)

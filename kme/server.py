@@ -16,7 +16,7 @@ from importlib.resources import files
 from typing import Any
 
 import yaml
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kme import wire014
@@ -33,6 +33,8 @@ MAX_BODY = 256 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 KME_KEY = web.AppKey("kme", Kme)
+PEER_SOCKETS = web.AppKey("peer_sockets", set)
+SHUTDOWN_TIMEOUT_S = 2.0
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -124,6 +126,22 @@ async def peer_socket(request: web.Request) -> web.StreamResponse:
     kme.peer_link(caller)  # refuses (401) anyone but a linked peer KME, before the upgrade
     ws = web.WebSocketResponse(max_msg_size=PEER_MAX_MESSAGE, heartbeat=10.0)
     await ws.prepare(request)
+    sockets = request.app[PEER_SOCKETS]
+    sockets.add(ws)
+    try:
+        await _serve_peer(kme, caller, ws)
+    finally:
+        sockets.discard(ws)
+    return ws
+
+
+async def _close_peer_sockets(app: web.Application) -> None:
+    """On shutdown, close the peer links at once instead of waiting for them to end."""
+    for ws in list(app[PEER_SOCKETS]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"KME shutting down")
+
+
+async def _serve_peer(kme: Kme, caller: Identity | None, ws: web.WebSocketResponse) -> None:
     async for msg in ws:
         if msg.type is not WSMsgType.TEXT:
             continue
@@ -148,14 +166,16 @@ async def peer_socket(request: web.Request) -> web.StreamResponse:
             log.exception("internal error in peer call %s", op)
             status, data = 500, {"message": "internal KME error"}
         await ws.send_str(json.dumps({"id": call_id, "status": status, "body": data}))
-        kme.metrics.request(f"peer{op.rsplit('/', 1)[-1] if isinstance(op, str) else ''}",
-                            status, time.perf_counter() - started)
-    return ws
+        name = op.rsplit("/", 1)[-1] if method is not None else "unknown"
+        kme.metrics.request(f"peer_{name}", status,
+                            time.perf_counter() - started)
 
 
 def make_app(kme: Kme) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
     app[KME_KEY] = kme
+    app[PEER_SOCKETS] = set()
+    app.on_shutdown.append(_close_peer_sockets)
     r = app.router
     base = "/api/v1/keys/{sae}"
     r.add_get(base + "/status", status, name="status")
@@ -197,7 +217,8 @@ class KmeServer:
 
     async def start(self) -> None:
         ssl_ctx = server_context(self.cfg.tls.files())
-        runner = web.AppRunner(make_app(self.kme), access_log=None, handle_signals=False)
+        runner = web.AppRunner(make_app(self.kme), access_log=None, handle_signals=False,
+                               shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.listen.host, self.cfg.listen.port,
                            ssl_context=ssl_ctx, backlog=1024)
