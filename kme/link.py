@@ -65,6 +65,7 @@ class LinkRuntime:
         self._tasks: list[asyncio.Task[None]] = []
         self._reserve_queue: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
         self._reserve_in_flight = 0
+        self._stopping = False
         self._flush_scheduled = False
         store.ensure_link(self.peer)
         if self.rate_bps is not None:
@@ -79,7 +80,8 @@ class LinkRuntime:
         self._tasks.append(asyncio.create_task(self._release_loop(), name=f"release-{self.peer}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        self._stopping = True
+        for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.client.close()
@@ -111,7 +113,7 @@ class LinkRuntime:
         credit = 0.0
         last = self.clock()
         backoff = self.tick_s
-        while True:
+        while not self._stopping:
             now = self.clock()
             if self.up:
                 credit += (self.rate_bps or 0.0) * (now - last)
@@ -233,7 +235,7 @@ class LinkRuntime:
 
     async def _release_loop(self) -> None:
         backoff = self.tick_s
-        while True:
+        while not self._stopping:
             await self._release_wake.wait()
             batch = list(self._release_queue.values())[:PUSH_MAX_BLOCKS]
             if not batch:

@@ -124,7 +124,9 @@ class PeerClient:
         self._waiting[call_id] = fut
         try:
             await ws.send_str(json.dumps({"id": call_id, "op": path, "body": body}))
-            status, data = await asyncio.wait_for(fut, self._timeout_s)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+            async with asyncio.timeout(self._timeout_s):
+                status, data = await fut
         except TimeoutError:
             raise PeerError(self.peer_id, None, f"no answer within {self._timeout_s:g} s") \
                 from None

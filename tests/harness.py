@@ -46,7 +46,15 @@ class Loop:
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            import io
+            out = io.StringIO()
+            for task in asyncio.all_tasks(self.loop):
+                task.print_stack(file=out)
+            raise TimeoutError(f"KME loop stuck; tasks:\n{out.getvalue()}") from None
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
