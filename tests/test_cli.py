@@ -1,0 +1,143 @@
+"""`qgw` as a user meets it: help everywhere, clear errors, keys never printed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from qgw.cli import app
+from tests.harness import KmePair, free_port
+
+runner = CliRunner()
+
+SUBCOMMANDS = [[], ["pki"], ["pki", "init"], ["kme"], ["kme", "serve"], ["kme", "up"],
+               ["keys"], ["keys", "status"], ["keys", "get"], ["keys", "dec"], ["gateway"],
+               ["gateway", "list"], ["demo"]]
+
+
+@pytest.mark.parametrize("args", SUBCOMMANDS, ids=lambda a: " ".join(a) or "qgw")
+def test_help_everywhere(args: list[str]) -> None:
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and len(result.output.splitlines()) > 4
+
+
+def test_pki_init_and_errors(tmp_path: Path) -> None:
+    target = tmp_path / "pki"
+    result = runner.invoke(app, ["pki", "init", str(target), "--kme", "KME_A",
+                                 "--kme", "KME_B=kme-b.example", "--sae", "SAE_1@KME_A"])
+    assert result.exit_code == 0, result.output
+    assert "created" in result.output and (target / "sae" / "SAE_1.key").exists()
+    assert (target / "sae" / "SAE_1.key").stat().st_mode & 0o777 == 0o600
+    again = runner.invoke(app, ["pki", "init", str(target), "--sae", "SAE_2@KME_B"])
+    assert again.exit_code == 0 and "kept" in again.output and "created" in again.output
+    bad = runner.invoke(app, ["pki", "init", str(target), "--sae", "SAE_3@KME_Z"])
+    assert bad.exit_code == 1 and "KME_Z" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(app, ["pki", "init", str(target), "--sae", "SAE_3"])
+    assert bad.exit_code == 1 and "SAE_ID@KME_ID" in bad.output
+
+
+def test_kme_serve_config_errors_name_file_and_field(tmp_path: Path) -> None:
+    missing = runner.invoke(app, ["kme", "serve", "--config", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 1 and "nope.yaml" in missing.output
+    cfg = tmp_path / "kme.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "kme_id": "KME_A", "tls": {"ca": "ca.pem", "cert": "c.pem", "key": "k.pem"},
+        "store": "s.db", "saes": {"SAE_1": "KME_A"}, "listen": {"prot": 1}}))
+    typo = runner.invoke(app, ["kme", "serve", "--config", str(cfg)])
+    assert typo.exit_code == 1
+    assert "kme.yaml" in typo.output and "listen.prot" in typo.output
+    assert "unknown field" in typo.output
+    cfg.write_text(yaml.safe_dump({
+        "kme_id": "KME_A", "tls": {"ca": "ca.pem", "cert": "c.pem", "key": "k.pem"},
+        "store": "s.db", "saes": {"SAE_1": "KME_A"}}))
+    no_pki = runner.invoke(app, ["kme", "serve", "--config", str(cfg)])
+    assert no_pki.exit_code == 1 and "qgw pki init" in no_pki.output
+
+
+def test_keys_commands_against_a_kme(kmes: KmePair, tmp_path: Path) -> None:
+    pki = str(kmes.pki.root)
+    a, b = kmes.url("KME_A"), kmes.url("KME_B")
+    st = runner.invoke(app, ["keys", "status", "SAE_2", "--kme", a, "--pki", pki,
+                             "--sae", "SAE_1"])
+    assert st.exit_code == 0, st.output
+    assert "stored_key_count" in st.output and "KME_B" in st.output
+    out = tmp_path / "keys.json"
+    got = runner.invoke(app, ["keys", "get", "SAE_2", "-n", "2", "--kme", a, "--pki", pki,
+                              "--sae", "SAE_1", "--out", str(out)])
+    assert got.exit_code == 0, got.output
+    assert out.stat().st_mode & 0o777 == 0o600
+    import json
+    keys = json.loads(out.read_text())["keys"]
+    assert len(keys) == 2
+    for k in keys:  # the terminal shows IDs, never the key
+        assert k["key_ID"] in got.output and k["key"] not in got.output
+    dec = runner.invoke(app, ["keys", "dec", "SAE_1", keys[0]["key_ID"], keys[1]["key_ID"],
+                              "--kme", b, "--pki", pki, "--sae", "SAE_2"])
+    assert dec.exit_code == 0, dec.output
+    assert keys[0]["key_ID"] in dec.output and keys[0]["key"] not in dec.output
+    twice = runner.invoke(app, ["keys", "dec", "SAE_1", keys[0]["key_ID"], "--kme", b,
+                                "--pki", pki, "--sae", "SAE_2"])
+    assert twice.exit_code == 1 and "400" in twice.output and "Traceback" not in twice.output
+    exists = runner.invoke(app, ["keys", "get", "SAE_2", "--kme", a, "--pki", pki,
+                                 "--sae", "SAE_1", "--out", str(out)])
+    assert exists.exit_code == 1 and "not overwriting" in exists.output
+
+
+def test_keys_with_kme_down_or_no_identity(pki: object, tmp_path: Path) -> None:
+    from qgw.pki import Pki
+    assert isinstance(pki, Pki)
+    down = runner.invoke(app, ["keys", "status", "SAE_2", "--kme",
+                               f"https://localhost:{free_port()}", "--pki", str(pki.root),
+                               "--sae", "SAE_1"])
+    assert down.exit_code == 1 and "cannot reach the KME" in down.output
+    who = runner.invoke(app, ["keys", "status", "SAE_2", "--kme", "https://localhost:1",
+                              "--pki", str(pki.root)])
+    assert who.exit_code == 1 and "--sae" in who.output
+
+
+def test_gateway_list_has_no_gateways_yet() -> None:
+    result = runner.invoke(app, ["gateway", "list"])
+    assert result.exit_code == 0 and "No gateways" in result.output
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_kme_up_runs_the_embedded_network_until_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    while _port_open(port + 1):
+        port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qgw", "kme", "up", "--state",
+                             str(tmp_path / "state"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, COLUMNS="200"))
+    try:
+        deadline = time.monotonic() + 30
+        while not (_port_open(port) and _port_open(port + 1)):
+            assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "kme up did not open its ports"
+            time.sleep(0.1)
+        pki = tmp_path / "state" / "pki"
+        assert (pki / "sae" / "SAE_1.pem").exists() and (pki / "sae" / "SAE_2.key").exists()
+        st = runner.invoke(app, ["keys", "status", "SAE_2", "--kme",
+                                 f"https://localhost:{port}", "--pki", str(pki),
+                                 "--sae", "SAE_1"])
+        assert st.exit_code == 0 and "KME_B" in st.output
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out.decode()
+    assert "KME_A" in out.decode() and "Ctrl-C" in out.decode()
+    assert not _port_open(port) and not _port_open(port + 1)

@@ -1,0 +1,27 @@
+"""The main job, as README.md tells a new user to run it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_qgw_demo_runs_and_reports_kpis(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "qgw", "demo", "--rekeys", "3", "--interval", "0.5",
+         "--state", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="160"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for kpi in ("time to get a QKD key", "21.75 s (UC35)", "rekeys completed",
+                "key pool level", "epochs with identical keys"):
+        assert kpi in out, out
+    assert re.search(r"rekeys completed\s*│[^│]*│\s*(\d+) \(0 failed\)", out)
+    match = re.search(r"epochs with identical keys at both gateways\s*│[^│]*│\s*(\d+)/(\d+)",
+                      out)
+    assert match and match.group(1) == match.group(2) and int(match.group(1)) >= 3
+    assert "ok" in out
