@@ -188,8 +188,9 @@ class KeySession:
 
     def _handle(self, msg: Message) -> None:
         kind = msg.get("type")
-        handler = getattr(self.logic, f"on_{kind}", None) if isinstance(kind, str) else None
-        if handler is None or not kind.isidentifier():
+        valid = isinstance(kind, str) and kind.isidentifier()
+        handler = getattr(self.logic, f"on_{kind}", None) if valid else None
+        if handler is None:
             log.warning("ignored control message of unknown type %r", kind)
             return
         try:

@@ -259,7 +259,9 @@ class Kme:
                 or any(self.cfg.saes.get(s) != self.kme_id for s in slaves)):
             raise ApiError.bad_request(f"slave SAEs {slaves!r} are not all attached to "
                                        f"{self.kme_id}")
-        ids, lengths, offsets = [], [], []
+        ids: list[str] = []
+        lengths: list[int] = []
+        offsets: list[int] = []
         for k in _list(body, "keys"):
             kid, length, off = k.get("key_ID"), k.get("length"), k.get("offset")
             if not isinstance(kid, str) or not isinstance(length, int) or length <= 0:
@@ -268,7 +270,7 @@ class Kme:
                 raise ApiError.bad_request("the emitter must give each key's stream offset")
             ids.append(kid)
             lengths.append(length)
-            offsets.append(off)
+            offsets.append(off if isinstance(off, int) else -1)
         if not ids or len(set(ids)) != len(ids):
             raise ApiError.bad_request("keys must list distinct key IDs")
         try:

@@ -27,12 +27,10 @@ async def _main(cfg: KmeConfig) -> None:
 
 def run(cfg: KmeConfig) -> None:
     try:
-        import uvloop  # optional, ~2x faster event loop
+        import uvloop  # optional (extra "fast"): a faster event loop
     except ImportError:
-        uvloop = None
-    if uvloop is not None:
-        with contextlib.suppress(KeyboardInterrupt):
-            uvloop.run(_main(cfg))
+        loop_factory = None
     else:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_main(cfg))
+        loop_factory = uvloop.new_event_loop
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as r:
+        r.run(_main(cfg))

@@ -33,7 +33,7 @@ MAX_BODY = 256 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 KME_KEY = web.AppKey("kme", Kme)
-PEER_SOCKETS = web.AppKey("peer_sockets", set)
+PEER_SOCKETS = web.AppKey("peer_sockets", set[web.WebSocketResponse])
 SHUTDOWN_TIMEOUT_S = 2.0
 
 
@@ -137,7 +137,8 @@ async def peer_socket(request: web.Request) -> web.StreamResponse:
 
 async def _close_peer_sockets(app: web.Application) -> None:
     """On shutdown, close the peer links at once instead of waiting for them to end."""
-    for ws in list(app[PEER_SOCKETS]):
+    sockets = app[PEER_SOCKETS]
+    for ws in list(sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"KME shutting down")
 
 

@@ -57,5 +57,5 @@ class Secret:
         if buf:
             _zero(buf)
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str:
         raise TypeError("Secret cannot be pickled")

@@ -404,3 +404,19 @@ def test_threaded_sessions_rekey_in_real_time(kmes: KmePair) -> None:
     assert m.status().state is SessionState.STOPPED
     common = sorted(set(mi.keys) & set(si.keys))
     assert common and all(mi.keys[e].secret == si.keys[e].secret for e in common)
+
+
+def test_session_metrics_expose_state_without_secrets(pair: Pair) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from keyclient.metrics import register_session
+    pair.run(25)
+    registry = CollectorRegistry()
+    register_session(pair.master, registry, gateway="test")
+    text = generate_latest(registry).decode()
+    assert 'qgw_session_epoch{gateway="test",peer_sae="SAE_2",role="master",sae="SAE_1"} 3.0' \
+        in text
+    assert 'state="protected"} 1.0' in text and 'source="qkd"} 1.0' in text
+    assert "qgw_session_rekeys_total" in text
+    key = pair.mi.keys[3]
+    assert key.key_id not in text and key.secret.expose().hex() not in text
