@@ -171,6 +171,7 @@ class Store:
         ).fetchall()
 
     def confirm_blocks(self, peer: str, upto: int) -> None:
+        upto = min(upto, self.link_state(peer).end)  # never confirm bytes not held
         with self.tx():
             self._db.execute(
                 "UPDATE block SET confirmed=1 WHERE peer=? AND confirmed=0 AND offset < ?",

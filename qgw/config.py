@@ -1,8 +1,10 @@
 """Load a YAML file into a pydantic model: unknown keys refused, errors name file and field.
 
 Containers override fields through the environment: with prefix `QGW_KME`,
-`QGW_KME__LISTEN__PORT=8443` sets `listen.port`. Values are parsed as YAML
-scalars, so numbers and booleans keep their types.
+`QGW_KME__LISTEN__PORT=8443` sets `listen.port` (field names match without
+regard to case, so `QGW_KME__LIMITS__MAX_SAE_ID_COUNT` reaches
+`limits.max_SAE_ID_count`). Values are parsed as YAML scalars, so numbers and
+booleans keep their types.
 """
 
 from __future__ import annotations
@@ -20,15 +22,35 @@ from qgw.errors import ConfigError
 M = TypeVar("M", bound=BaseModel)
 
 
-def _apply_env(data: dict[str, Any], prefix: str, env: Mapping[str, str]) -> list[str]:
+def _field_name(model: type[BaseModel] | None, part: str) -> tuple[str, type[BaseModel] | None]:
+    """The field a variable-name part means (case-insensitive), and its model if nested."""
+    if model is None:
+        return part, None  # inside a mapping: keys are taken as written
+    for name, info in model.model_fields.items():
+        if name.lower() == part.lower():
+            sub = None
+            for candidate in (info.annotation, *getattr(info.annotation, "__args__", ())):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    sub = candidate
+            return name, sub
+    return part.lower(), None
+
+
+def _apply_env(data: dict[str, Any], prefix: str, env: Mapping[str, str],
+               model: type[BaseModel]) -> list[str]:
     applied = []
     head = prefix + "__"
     for name, raw in sorted(env.items()):
         if not name.startswith(head):
             continue
-        path = [p.lower() for p in name[len(head):].split("__") if p]
-        if not path:
+        parts = [p for p in name[len(head):].split("__") if p]
+        if not parts:
             continue
+        path: list[str] = []
+        current: type[BaseModel] | None = model
+        for part in parts:
+            field, current = _field_name(current, part)
+            path.append(field)
         node = data
         for part in path[:-1]:
             nxt = node.setdefault(part, {})
@@ -59,7 +81,7 @@ def load_model(path: Path, model: type[M], *, env_prefix: str | None = None,
     if not isinstance(data, dict):
         raise ConfigError(source, None, "must be a YAML mapping")
     if env_prefix:
-        _apply_env(data, env_prefix, os.environ if env is None else env)
+        _apply_env(data, env_prefix, os.environ if env is None else env, model)
     return validate(source, data, model, base=Path(path).parent)
 
 

@@ -69,7 +69,7 @@ class KmeSpec:
 
     @classmethod
     def parse(cls, text: str) -> KmeSpec:
-        """`KME_A` or `KME_A=host1,host2`."""
+        """`KME_A` or `KME_A=host1,10.0.0.5` (extra DNS names or IP addresses)."""
         kme_id, _, hosts = text.partition("=")
         check_id("KME", kme_id)
         extra = [h for h in hosts.split(",") if h]
@@ -185,7 +185,12 @@ def _load_ca(pki: Pki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
 def _issue(pki: Pki, files: TlsFiles, cn: str, role: str, hostnames: list[str]) -> None:
     ca_cert, ca_key = _load_ca(pki)
     key = _new_key()
-    sans: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
+    sans: list[x509.GeneralName] = []
+    for host in hostnames:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
     if role == ROLE_KME:
         sans += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                  x509.IPAddress(ipaddress.ip_address("::1"))]
@@ -237,11 +242,19 @@ def init_pki(root: Path, kmes: list[KmeSpec], saes: list[SaeSpec],
     """Create (or complete) a PKI folder. Returns what was created and what was kept."""
     pki = Pki(Path(root))
     report = InitReport()
+    for kme in kmes:
+        check_id("KME", kme.kme_id)
     kme_ids = {k.kme_id for k in kmes} | set(_existing(pki, "kme"))
+    directory = pki.directory()
+    # Every check before the first file is written: a refused init changes nothing.
     for sae in saes:
+        check_id("SAE", sae.sae_id)
         if sae.kme_id not in kme_ids:
             raise PkiError(f"SAE {sae.sae_id} is attached to {sae.kme_id}, which is not a KME here "
                            f"(add --kme {sae.kme_id})")
+        known = directory.get(sae.sae_id)
+        if known and known != sae.kme_id:
+            raise PkiError(f"SAE {sae.sae_id} is already attached to {known}, not {sae.kme_id}")
     if pki.ca_cert.exists():
         report.kept.append("CA")
     else:
@@ -252,14 +265,11 @@ def init_pki(root: Path, kmes: list[KmeSpec], saes: list[SaeSpec],
         if files.cert.exists():
             report.kept.append(f"KME {kme.kme_id}")
             continue
-        _issue(pki, files, kme.kme_id, ROLE_KME, kme.hostnames)
+        hostnames = list(dict.fromkeys(default_hostnames(kme.kme_id) + kme.hostnames))
+        _issue(pki, files, kme.kme_id, ROLE_KME, hostnames)
         report.created.append(f"KME {kme.kme_id}")
-    directory = pki.directory()
     for sae in saes:
         files = pki.sae_files(sae.sae_id)
-        known = directory.get(sae.sae_id)
-        if known and known != sae.kme_id:
-            raise PkiError(f"SAE {sae.sae_id} is already attached to {known}, not {sae.kme_id}")
         directory[sae.sae_id] = sae.kme_id
         if files.cert.exists():
             report.kept.append(f"SAE {sae.sae_id}")

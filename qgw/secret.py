@@ -43,6 +43,8 @@ class Secret:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Secret):
             return NotImplemented
+        if self._wiped or other._wiped:
+            return False
         return hmac.compare_digest(self._buf, other._buf)
 
     __hash__ = None  # type: ignore[assignment]  # a hash of key bytes would leak them

@@ -17,7 +17,7 @@ app = typer.Typer(help="Make the certificates of a simulated QKD network.", no_a
 def init(
     directory: Annotated[Path, typer.Argument(help="Folder for the CA, certificates and keys.")],
     kme: Annotated[list[str], typer.Option(
-        "--kme", help="A KME: KME_ID or KME_ID=host1,host2 (extra DNS names). Repeat.")] = [],  # noqa: B006
+        "--kme", help="A KME: KME_ID or KME_ID=host1,10.0.0.5 (extra names or IPs). Repeat.")] = [],  # noqa: B006
     sae: Annotated[list[str], typer.Option(
         "--sae", help="An SAE and its KME: SAE_ID@KME_ID. Repeat.")] = [],  # noqa: B006
 ) -> None:
@@ -32,4 +32,4 @@ def init(
         console.print(f"[green]created[/] {item}")
     for item in report.kept:
         console.print(f"[dim]kept[/]    {item}")
-    console.print(f"PKI in [bold]{directory}[/]")
+    console.print(f"PKI in [bold]{directory}[/]", soft_wrap=True)
