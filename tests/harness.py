@@ -72,6 +72,7 @@ class KmePair:
         self.pki = pki
         self.loop = Loop()
         self.ports = {"KME_A": free_port(), "KME_B": free_port()}
+        self.metrics_ports = {"KME_A": free_port(), "KME_B": free_port()}
         self.servers: dict[str, KmeServer] = {}
         self.configs = {
             kme: self._config(kme, peer, rate_bps, limits or {}, peer_timeout_s, tick_s)
@@ -86,6 +87,7 @@ class KmePair:
         return KmeConfig.model_validate({
             "kme_id": kme,
             "listen": {"host": "127.0.0.1", "port": self.ports[kme]},
+            "metrics": {"host": "127.0.0.1", "port": self.metrics_ports[kme]},
             "tls": {"ca": f.ca, "cert": f.cert, "key": f.key},
             "store": self.tmp / f"{kme}.sqlite",
             "saes": SAES,
