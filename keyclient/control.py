@@ -117,7 +117,10 @@ def _recv_frame(sock: ssl.SSLSocket) -> Message:
     (size,) = struct.unpack(">I", _recv_exact(sock, 4))
     if size > MAX_FRAME:
         raise ConnectionError(f"control frame of {size} bytes is over the {MAX_FRAME} limit")
-    msg = json.loads(_recv_exact(sock, size))
+    try:
+        msg = json.loads(_recv_exact(sock, size))
+    except RecursionError:
+        raise ConnectionError("control frame nests too deeply") from None
     if not isinstance(msg, dict):
         raise ConnectionError("control frame is not a JSON object")
     return msg

@@ -152,7 +152,7 @@ class Etsi014Client:
                 raw = resp.data
                 try:
                     data = json.loads(raw) if raw else {}
-                except ValueError:
+                except (ValueError, RecursionError):
                     data = None
                 if resp.status == 200 and isinstance(data, dict):
                     return data

@@ -104,7 +104,7 @@ class PeerClient:
                     fut = self._waiting.pop(int(data["id"]), None)
                     if fut is not None and not fut.done():
                         fut.set_result((int(data["status"]), data.get("body")))
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, RecursionError):
                     continue
         finally:
             if self._ws is ws:

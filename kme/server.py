@@ -150,7 +150,7 @@ async def _serve_peer(kme: Kme, caller: Identity | None, ws: web.WebSocketRespon
         try:
             call = json.loads(msg.data)
             call_id, op, body = call["id"], call["op"], call["body"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             await ws.send_str(json.dumps({"id": None, "status": 400,
                                           "body": {"message": "malformed peer call"}}))
             continue

@@ -17,8 +17,8 @@ from typing import Any
 
 from kme.errors import ApiError
 
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-INT_RE = re.compile(r"^[0-9]{1,12}$")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+INT_RE = re.compile(r"[0-9]{1,12}")  # used with fullmatch: no sign, no newline
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ def parse_json_body(raw: bytes, *, allow_empty: bool) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError.bad_request("request body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError.bad_request("request body nests too deeply") from None
     if not isinstance(data, dict):
         raise ApiError.bad_request("request body must be a JSON object")
     return data
@@ -65,7 +67,7 @@ def _query_int(query: Mapping[str, str], name: str, default: int) -> int:
     if name not in query:
         return default
     raw = query[name]
-    if not INT_RE.match(raw):
+    if not INT_RE.fullmatch(raw):
         raise ApiError.bad_request(f"{name} must be a positive integer", parameter=name)
     return int(raw)
 
@@ -135,7 +137,7 @@ def key_request_from_json(data: Mapping[str, Any], limits: Limits) -> KeyRequest
 
 
 def key_id(value: object) -> str:
-    if not isinstance(value, str) or not UUID_RE.match(value.lower()):
+    if not isinstance(value, str) or not UUID_RE.fullmatch(value.lower()):
         raise ApiError.bad_request("key_ID must be a UUID (8-4-4-4-12 hex digits)",
                                    parameter="key_ID")
     return value.lower()

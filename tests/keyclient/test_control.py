@@ -52,7 +52,7 @@ def test_messages_both_ways(channels: Any) -> None:
 
 
 def test_oversized_message_is_refused_not_sent(channels: Any) -> None:
-    server, client, s_end, c_end = channels
+    _, client, s_end, c_end = channels
     wait(c_end.links)
     with pytest.raises(ChannelDown):
         client.send({"blob": "x" * (MAX_FRAME + 1)})
@@ -61,7 +61,7 @@ def test_oversized_message_is_refused_not_sent(channels: Any) -> None:
 
 
 def test_reconnects_after_the_listener_restarts(channels: Any, pki: Pki) -> None:
-    server, client, s_end, c_end = channels
+    server, client, _, c_end = channels
     assert wait(c_end.links) is True
     port = server.port
     server.close()

@@ -29,12 +29,15 @@ from urllib.parse import quote
 import pytest
 import requests
 import schemathesis
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode, HookContext
 
 import kme.server
+from keyclient import Etsi014Client
 from keyclient.errors import KMEError
+from qgw.pki import Pki
 from tests.harness import SAES, KmePair
 
 DOCUMENT = Path(kme.server.__file__).with_name("openapi.yaml")
@@ -53,6 +56,7 @@ OPERATIONS = {
     "getKeyWithKeyIDs": SCHEMA[KEYS_PATH["dec_keys"]]["GET"],
     "postGetKeyWithKeyIDs": SCHEMA[KEYS_PATH["dec_keys"]]["POST"],
 }
+RATE_BPS = 4e6  # fast enough that enc_keys is rarely refused for want of key
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 # Bounded, deterministic, no deadline: a request over TLS to a KME that shares the CPU
@@ -89,7 +93,7 @@ def check_answer(operation: schemathesis.APIOperation, answer: Any) -> int:
              f"  answer: {status} {response.content[:300]!r}")
     assert status != 422, where
     assert status < 500 or status == 503, where
-    assert status == 200 or 400 <= status, where
+    assert status == 200 or status >= 400, where
     content_type = response.headers.get("content-type", [""])[0]
     assert content_type.startswith("application/json"), where
     try:
@@ -109,13 +113,13 @@ def check_answer(operation: schemathesis.APIOperation, answer: Any) -> int:
 
 
 def test_response_validation_is_not_vacuous() -> None:
-    """The document's schema really is applied to 200 answers."""
+    """The document's response schemas really are applied (format uuid too, not format byte)."""
     kid = "6d736135-d85f-4f5c-b8e9-11ddbe44d928"
-    operation = OPERATIONS["getKey"]
-    assert operation.is_valid_response(_fake_answer(200, {"keys": [{"key_ID": kid, "key": "AA=="}]}))
-    assert not operation.is_valid_response(_fake_answer(200, {"keys": [{"key_ID": kid}]}))
-    assert not operation.is_valid_response(_fake_answer(200, {"keys": [{"key_ID": "x", "key": ""}]}))
-    assert not operation.is_valid_response(_fake_answer(400, {"msg": "no message"}))
+    valid = OPERATIONS["getKey"].is_valid_response
+    assert valid(_fake_answer(200, {"keys": [{"key_ID": kid, "key": "AA=="}]}))
+    assert not valid(_fake_answer(200, {"keys": [{"key_ID": kid}]}))
+    assert not valid(_fake_answer(200, {"keys": [{"key_ID": "not-a-uuid", "key": "AA=="}]}))
+    assert not valid(_fake_answer(400, {"msg": "no message"}))
     assert not OPERATIONS["getStatus"].is_valid_response(_fake_answer(200, {"key_size": 256}))
 
 
@@ -128,8 +132,20 @@ def _fake_answer(status: int, body: Any) -> schemathesis.Response:
 
 # -- fixtures ---------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[KmePair]:
+    """One pair for the whole module: what is fuzzed is the answers, not the life cycle."""
+    kmes = KmePair(tmp_path_factory.mktemp("fuzz"), pki, rate_bps=RATE_BPS).start()
+    try:
+        kmes.wait_for_keys()
+        yield kmes
+    finally:
+        kmes.close()
+
+
 class Sae1:
-    """SAE_1's HTTPS session to KME_A (client certificate + the test CA)."""
+    """SAE_1's HTTPS session to KME_A (client certificate + the test CA); and SAE_2, its
+    peer at KME_B, as a key client, to obtain key_IDs that SAE_1 can really fetch."""
 
     def __init__(self, kmes: KmePair) -> None:
         files = kmes.pki.sae_files("SAE_1")
@@ -138,24 +154,34 @@ class Sae1:
                                     "cert": (str(files.cert), str(files.key)),
                                     "timeout": 10}
         self.session = requests.Session()
+        self.sae2 = Etsi014Client(kmes.url("KME_B"), kmes.pki.sae_files("SAE_2"), retries=0)
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> requests.Response:
-        return self.session.request(method, self.base_url + path, data=body,
-                                    allow_redirects=False, **self.tls)
+    def request(self, method: str, path: str, body: bytes | None = None) -> schemathesis.Response:
+        """One raw request; the answer comes back detached from the connection."""
+        with self.session.request(method, self.base_url + path, data=body,
+                                  allow_redirects=False, **self.tls) as response:
+            return schemathesis.Response.from_any(response)
+
+    def key_ids_from_sae2(self, number: int) -> list[str]:
+        return [k.key_id for k in self.sae2.get_keys("SAE_1", number=number)]
+
+    def close(self) -> None:
+        self.session.close()
+        self.sae2.close()
 
 
 @pytest.fixture
-def sae1(kmes: KmePair) -> Iterator[Sae1]:
-    client = Sae1(kmes)
+def sae1(pair: KmePair) -> Iterator[Sae1]:
+    client = Sae1(pair)
     try:
         yield client
     finally:
-        client.session.close()
+        client.close()
 
 
 # -- schemathesis: every operation of the document ---------------------------------------
 
-def _steer(data: st.DataObject, op_id: str, case: schemathesis.Case, kmes: KmePair) -> None:
+def _steer(data: st.DataObject, op_id: str, case: schemathesis.Case, sae1: Sae1) -> None:
     """For positive cases: often in-bounds sizes, and key_IDs that really exist."""
     if op_id in ("getKey", "postGetKey") and data.draw(st.booleans(), label="in bounds"):
         bounds = {"number": data.draw(st.integers(1, 4), label="number"),
@@ -173,11 +199,10 @@ def _steer(data: st.DataObject, op_id: str, case: schemathesis.Case, kmes: KmePa
                 case.body.pop("additional_slave_SAE_IDs", None)
     if op_id in ("getKeyWithKeyIDs", "postGetKeyWithKeyIDs") and data.draw(st.booleans(),
                                                                           label="real key"):
-        # SAE_2 (at KME_B) gets keys shared with SAE_1; SAE_1 asks for them at KME_A.
+        number = 1 if op_id == "getKeyWithKeyIDs" else data.draw(st.integers(1, 3), label="n")
         try:
-            ids = [k.key_id for k in kmes.client("SAE_2").get_keys(
-                "SAE_1", number=data.draw(st.integers(1, 3), label="real keys"))]
-        except KMEError:
+            ids = sae1.key_ids_from_sae2(number)
+        except KMEError:  # no key on the link just now: keep the generated key_IDs
             return
         if data.draw(st.booleans(), label="upper case"):
             ids = [k.upper() for k in ids]
@@ -198,17 +223,18 @@ OPERATION_CASES = [
 
 
 @pytest.mark.parametrize("op_id, mode", OPERATION_CASES)
-def test_operation_fuzz(kmes: KmePair, sae1: Sae1, op_id: str, mode: GenerationMode) -> None:
+def test_operation_fuzz(sae1: Sae1, op_id: str, mode: GenerationMode) -> None:
     operation = OPERATIONS[op_id]
     strategy = operation.as_strategy(mode)
     seen: Counter[int] = Counter()
 
-    @FUZZ
+    # Negative cases are costlier to generate and nearly all end in the same 400s.
+    @settings(FUZZ, max_examples=60 if mode is GenerationMode.POSITIVE else 40)
     @given(data=st.data())
     def fuzz(data: st.DataObject) -> None:
         case = data.draw(strategy, label="case")
         if mode is GenerationMode.POSITIVE:
-            _steer(data, op_id, case, kmes)
+            _steer(data, op_id, case, sae1)
         response = case.call(base_url=sae1.base_url, session=sae1.session, **sae1.tls)
         seen[check_answer(operation, response)] += 1
 
@@ -216,7 +242,6 @@ def test_operation_fuzz(kmes: KmePair, sae1: Sae1, op_id: str, mode: GenerationM
     # The steering above must have let the handlers answer, not only the SAE check.
     if mode is GenerationMode.POSITIVE:
         assert seen[200] > 0, seen
-    assert set(seen) - {200, 400, 401, 503} == set(), seen
 
 
 # -- raw hypothesis: arbitrary bytes, JSON values, query strings --------------------------
@@ -257,7 +282,7 @@ RAW = settings(FUZZ, max_examples=100)
 
 
 @pytest.mark.parametrize("name", ["enc_keys", "dec_keys"])
-def test_raw_bodies(kmes: KmePair, sae1: Sae1, name: str) -> None:
+def test_raw_bodies(sae1: Sae1, name: str) -> None:
     operation = OPERATIONS["postGetKey" if name == "enc_keys" else "postGetKeyWithKeyIDs"]
     seen: Counter[int] = Counter()
 
@@ -274,7 +299,7 @@ def test_raw_bodies(kmes: KmePair, sae1: Sae1, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["status", "enc_keys", "dec_keys"])
-def test_raw_query_strings(kmes: KmePair, sae1: Sae1, name: str) -> None:
+def test_raw_query_strings(sae1: Sae1, name: str) -> None:
     operation = SCHEMA[KEYS_PATH[name]]["GET"]
     seen: Counter[int] = Counter()
 
@@ -288,3 +313,24 @@ def test_raw_query_strings(kmes: KmePair, sae1: Sae1, name: str) -> None:
     assert seen[400] > 0, seen
     if name != "dec_keys":  # no generated key_ID can name a real key
         assert seen[200] > 0, seen
+
+
+# -- what the fuzzing found (fixed; kept as regressions) -----------------------------------
+
+@pytest.mark.parametrize("name", ["enc_keys", "dec_keys"])
+def test_deeply_nested_json_body(sae1: Sae1, name: str) -> None:
+    depth = 10_000  # 20 kB, far under the 256 KiB body limit
+    response = sae1.request("POST", f"{PREFIX}/SAE_2/{name}", b"[" * depth + b"]" * depth)
+    check_answer(SCHEMA[KEYS_PATH[name]]["POST"], response)
+
+
+def test_served_document_is_the_file(sae1: Sae1) -> None:
+    response = sae1.request("GET", "/api/v1/openapi.json")
+    assert response.status_code == 200, response.content[:300]
+    assert json.loads(response.content) == yaml.safe_load(DOCUMENT.read_text())
+
+
+@pytest.mark.parametrize("query", ["number=1%0A", "size=256%0A", "number=%2B1"])
+def test_integers_with_trailing_newline_or_sign_are_refused(sae1: Sae1, query: str) -> None:
+    response = sae1.request("GET", f"{PREFIX}/SAE_2/enc_keys?{query}", None)
+    assert response.status_code == 400, response.content
