@@ -289,5 +289,8 @@ class TlsControlChannel:
 
 
 def _close_quietly(sock: socket.socket) -> None:
+    # shutdown() first: close() alone does not wake a thread blocked in recv().
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
