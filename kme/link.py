@@ -131,6 +131,10 @@ class LinkRuntime:
                 self.mark_contact(False)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+            except Exception:  # a bug must not end key generation silently
+                log.exception("link to %s: key generation step failed", self.peer)
+                self.mark_contact(False)
+                await asyncio.sleep(MAX_BACKOFF_S)
 
     def _generate(self, credit_bits: float) -> int:
         """Turn whole blocks of credit into stream blocks; returns the bits used."""
@@ -248,12 +252,16 @@ class LinkRuntime:
             ]}
             try:
                 reply = await self.client.call("/kme/v1/release", body)
+                self._discard_locally(batch, reply)
             except PeerError:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
+            except Exception:  # keep the releaser alive; the entries stay queued
+                log.exception("link to %s: releasing keys failed", self.peer)
+                await asyncio.sleep(MAX_BACKOFF_S)
+                continue
             backoff = self.tick_s
-            self._discard_locally(batch, reply)
             for p in batch:
                 self._release_queue.pop(p.key_id, None)
             if not self._release_queue:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kme.errors import ApiError
+from qgw.errors import QgwError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS link (
@@ -86,6 +87,13 @@ CREATE TABLE IF NOT EXISTS pending (
 """
 
 
+SCHEMA_VERSION = 1
+
+
+class StoreError(QgwError):
+    """The store file cannot be used (another schema version, not a KME store)."""
+
+
 class StreamGap(Exception):
     """A stream range that should be held is missing (store damaged or out of sync)."""
 
@@ -112,8 +120,20 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA secure_delete=ON")
-        self._db.executescript(SCHEMA)
+        self._check_schema()
         self._in_tx = False
+
+    def _check_schema(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'")
+        if version == 0 and tables.fetchone()[0] == 0:
+            self._db.executescript(SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version != SCHEMA_VERSION:
+            self._db.close()
+            raise StoreError(
+                f"{self.path} holds a key store of another format (schema {version}, this KME "
+                f"uses {SCHEMA_VERSION}); move it away to start with an empty store")
 
     def close(self) -> None:
         self._db.close()

@@ -8,6 +8,7 @@ with the OPENQKD field trials. Later gateways add one step each.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import statistics
 import threading
@@ -27,6 +28,8 @@ from qgw.pki import Pki
 
 UC35_TIME_TO_KEY_S = 21.7537   # D8.7, use case 35, KPI_3
 UC31_REKEY_INTERVAL_S = 60.0   # D8.7, use case 31: encryptors rekeyed once a minute
+KEY_SAMPLES = 30
+BURST_PAIRS = 60
 
 
 class RecordingInstaller:
@@ -89,14 +92,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for_keys(client: Etsi014Client, slave: str, progress: Progress,
+def _wait_for_keys(client: Etsi014Client, slave: str, wanted: int, progress: Progress,
                    timeout_s: float = 30.0) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         st = client.status(slave)
-        if st.stored_key_count >= 4:
+        if st.stored_key_count >= wanted:
             return st.stored_key_count
-        progress(f"waiting for the QKD link to deliver key ({st.stored_key_count} keys stored)")
+        progress(f"the QKD link is delivering key: {st.stored_key_count}/{wanted} keys stored")
         time.sleep(0.2)
     raise QgwError("the simulated QKD link delivered no key within 30 s; see the KME logs")
 
@@ -105,6 +108,8 @@ def run_demo(state: Path, *, rekeys: int = 10, interval_s: float = 1.0,
              mode: SupplyMode = SupplyMode.QKD, progress: Progress = lambda s: None) -> DemoResult:
     spec = default_network()
     link_rate = spec.links[0].key_rate_bps or 0.0
+    # Each demo starts its KMEs with empty stores (the PKI is kept), so runs compare.
+    shutil.rmtree(state / "store", ignore_errors=True)
     base = _free_port()
     eps = prepare(state, spec, base_port=base, metrics_base_port=_free_port())
     pki = Pki(state.resolve() / "pki")
@@ -113,9 +118,10 @@ def run_demo(state: Path, *, rekeys: int = 10, interval_s: float = 1.0,
     with LocalNetwork(eps, state / "logs"), \
             Etsi014Client(eps["KME_A"].url, pki.sae_files("SAE_1")) as master_kme, \
             Etsi014Client(eps["KME_B"].url, pki.sae_files("SAE_2")) as slave_kme:
-        _wait_for_keys(master_kme, "SAE_2", progress)
+        # Enough stored key that the measurements below never wait for the link.
+        _wait_for_keys(master_kme, "SAE_2", KEY_SAMPLES + BURST_PAIRS + 10, progress)
         progress("measuring time to get a key (enc_keys at KME_A + dec_keys at KME_B)")
-        for _ in range(30):
+        for _ in range(KEY_SAMPLES):
             t0 = time.perf_counter()
             try:
                 (key,) = master_kme.get_keys("SAE_2")
@@ -128,7 +134,7 @@ def run_demo(state: Path, *, rekeys: int = 10, interval_s: float = 1.0,
                 raise QgwError(f"key {key.key_id} differs between the two KMEs")
         progress("burst: key pairs from the stored key, back to back")
         stored = master_kme.status("SAE_2").stored_key_count
-        n = max(1, min(stored - 10, 200))
+        n = max(1, min(stored - 10, BURST_PAIRS))
         t0 = time.perf_counter()
         done = 0
         for _ in range(n):

@@ -41,6 +41,18 @@ MASTERS_PER_FLOW = 3
 SLAVES_PER_FLOW = 2
 KILLS = 2
 FETCH_BATCH = 64
+
+# CPython before gh-113280 was fixed (3.11.7 here) leaks the new SSLSocket when a
+# connection is reset between TCP connect and the TLS handshake (ssl.py,
+# SSLSocket._create re-raises ECONNRESET without closing it); urllib3 cannot
+# close it, the raw socket being detached. Killing a KME while clients connect
+# does exactly that, so the client side may drop such a socket: not a leak of
+# this project's code, and not what these tests are about.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:unclosed <ssl.SSLSocket:ResourceWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning"),
+]
 SIZES = (128, 256, 512)
 WINDOW = 8  # bytes: two keys sharing any 8-byte run share stream bytes
 
