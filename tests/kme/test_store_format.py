@@ -25,5 +25,5 @@ def test_other_format_is_refused(tmp_path: Path, version: int) -> None:
     db.execute(f"PRAGMA user_version={version}")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match="another format.*move it away"):
+    with pytest.raises(StoreError, match=r"another format.*move it away"):
         Store(tmp_path / "k.sqlite")
