@@ -296,6 +296,7 @@ class Kme:
         return out
 
     def peer_release(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
+        """Forget keys the peer could not deliver; idempotent, since answers can be lost."""
         link = self.peer_link(caller)
         released = []
         with self.store.tx():
@@ -303,8 +304,14 @@ class Kme:
                 kid, off, length = k.get("key_ID"), k.get("offset"), k.get("length")
                 if not isinstance(kid, str) or not isinstance(length, int) or length <= 0:
                     raise ApiError.bad_request("each key needs a key_ID and a length")
-                self.store.add_released([kid])
+                before = self.store.released(kid)
+                if before is not False:  # released already: answer as the first time
+                    if before is not None:
+                        released.append({"key_ID": kid, "offset": before[0],
+                                         "length": before[1]})
+                    continue
                 rng = self.store.drop_key(kid)
+                self.store.add_released(kid, rng)
                 if rng is not None:
                     released.append({"key_ID": kid, "offset": rng[0], "length": rng[1]})
                 elif isinstance(off, int) and off >= 0:

@@ -218,6 +218,13 @@ class KmeServer:
 
     async def start(self) -> None:
         ssl_ctx = server_context(self.cfg.tls.files())
+        # Metrics first: once the API port answers, everything is up (launchers poll it).
+        if self.cfg.metrics is not None:
+            mrunner = web.AppRunner(_metrics_app(self.kme), access_log=None, handle_signals=False)
+            await mrunner.setup()
+            await web.TCPSite(mrunner, self.cfg.metrics.host, self.cfg.metrics.port).start()
+            self._runners.append(mrunner)
+            self.metrics_port = _bound_port(mrunner)
         runner = web.AppRunner(make_app(self.kme), access_log=None, handle_signals=False,
                                shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
@@ -226,12 +233,6 @@ class KmeServer:
         await site.start()
         self._runners.append(runner)
         self.port = _bound_port(runner)
-        if self.cfg.metrics is not None:
-            mrunner = web.AppRunner(_metrics_app(self.kme), access_log=None, handle_signals=False)
-            await mrunner.setup()
-            await web.TCPSite(mrunner, self.cfg.metrics.host, self.cfg.metrics.port).start()
-            self._runners.append(mrunner)
-            self.metrics_port = _bound_port(mrunner)
         await self.kme.start()
         log.info("KME %s serving ETSI GS QKD 014 on https://%s:%s", self.cfg.kme_id,
                  self.cfg.listen.host, self.port)

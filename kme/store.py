@@ -14,11 +14,14 @@ carve the same range, so they hold the same key without ever sending it.
              bytes the peer has acknowledged; only those may be allocated).
 - `key`      keys reserved for slave SAEs that have not fetched them yet, with
              `holder` rows: each listed SAE may take the key once (`taken`
-             remembers who did, so asking twice is "already delivered").
+             remembers who did while others have yet to; the key is deleted
+             when the last holder took it).
 - `pending`  key IDs this KME has promised to its own master but not yet
              delivered; after a failure or a crash they are released at the peer.
-- `released` key IDs released at a peer's request, so a late reservation of
-             the same ID is refused instead of reusing stream bytes.
+- `released` key IDs released at a peer's request, with the stream range a
+             reserved key had: a late reservation of the same ID is refused,
+             and a release sent again (its answer was lost) gets the same
+             answer instead of discarding bytes twice.
 
 Every commit is one transaction; with WAL and synchronous=NORMAL a commit
 survives SIGKILL of the process (only an OS crash could lose the last ones).
@@ -75,7 +78,9 @@ CREATE TABLE IF NOT EXISTS holder (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS released (
     key_id TEXT PRIMARY KEY,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    offset INTEGER,
+    length INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending (
     key_id TEXT PRIMARY KEY,
@@ -341,11 +346,20 @@ class Store:
 
     # -- released key IDs ------------------------------------------------------
 
-    def add_released(self, key_ids: Sequence[str]) -> None:
-        now = time.time()
-        self._db.executemany(
-            "INSERT OR IGNORE INTO released(key_id, at) VALUES (?, ?)", [(k, now) for k in key_ids]
+    def add_released(self, key_id: str, rng: tuple[int, int] | None) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO released(key_id, at, offset, length) VALUES (?, ?, ?, ?)",
+            (key_id, time.time(), *(rng or (None, None))),
         )
+
+    def released(self, key_id: str) -> tuple[int, int] | bool | None:
+        """False if never released; else the range it had here (None: no reserved key)."""
+        row = self._db.execute(
+            "SELECT offset, length FROM released WHERE key_id=?", (key_id,)
+        ).fetchone()
+        if row is None:
+            return False
+        return (row[0], row[1]) if row[0] is not None else None
 
     def any_released(self, key_ids: Sequence[str]) -> bool:
         for k in key_ids:

@@ -11,7 +11,13 @@ about the keys a master actually received:
 - no key ID is delivered twice, no two key IDs carry the same bytes;
 - key IDs the killed KME had promised but not delivered (its `pending`
   records at the moment of death) are released once it is back: the
-  records disappear and the slave cannot fetch those IDs.
+  records disappear and the slave cannot fetch those IDs;
+- once all is quiet, both KMEs' copies of the link stream are in step: the
+  same blocks left, with the same number of bytes carved from each.
+
+The last test replays, deterministically and in process, the one crash
+window the random kills rarely hit: a release that the peer applied but whose
+answer was lost, so that the restarted KME sends it again.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,13 +41,18 @@ import pytest
 from keyclient import Etsi014Client
 from keyclient.errors import KMEBadRequest, KMEError, KMEUnavailable
 from kme.network import LinkSpec, LocalNetwork, default_network, prepare
+from kme.store import Pending
 from qgw.pki import Pki
+from qgw.tls import ROLE_KME, Identity
+from tests.harness import KmePair
 
 KME_OF = {"SAE_1": "KME_A", "SAE_2": "KME_B"}
 MASTERS_PER_FLOW = 3
 SLAVES_PER_FLOW = 2
 KILLS = 2
 FETCH_BATCH = 64
+SIZES = (128, 256, 512)
+WINDOW = 8  # bytes: two keys sharing any 8-byte run share stream bytes
 
 # CPython before gh-113280 was fixed (3.11.7 here) leaks the new SSLSocket when a
 # connection is reset between TCP connect and the TLS handshake (ssl.py,
@@ -53,8 +65,6 @@ pytestmark = [
     pytest.mark.filterwarnings(
         "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning"),
 ]
-SIZES = (128, 256, 512)
-WINDOW = 8  # bytes: two keys sharing any 8-byte run share stream bytes
 
 
 def _free_port_pair() -> int:
@@ -101,6 +111,36 @@ class Net:
             tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
             out.append(f"--- {kme}: {state}; log tail:\n{tail}")
         return "\n".join(out)
+
+
+def stream_blocks(emitter_store: Path, receiver_store: Path,
+                  ) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
+    """Both copies of the A-B stream below what the emitter knows the receiver holds:
+    block offset -> (length, bytes carved)."""
+    def blocks(path: Path, peer: str, below: int) -> dict[int, tuple[int, int]]:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return {off: (length, consumed) for off, length, consumed in db.execute(
+                "SELECT offset, length, consumed FROM block WHERE peer=? AND offset < ?",
+                (peer, below))}
+        finally:
+            db.close()
+
+    db = sqlite3.connect(f"file:{emitter_store}?mode=ro", uri=True, timeout=5)
+    try:
+        (confirmed_end,) = db.execute(
+            "SELECT confirmed_end FROM link WHERE peer='KME_B'").fetchone()
+    finally:
+        db.close()
+    return (blocks(emitter_store, "KME_B", confirmed_end),
+            blocks(receiver_store, "KME_A", confirmed_end))
+
+
+def assert_streams_in_step(emitter_store: Path, receiver_store: Path) -> None:
+    a, b = stream_blocks(emitter_store, receiver_store)
+    differ = {off: (a.get(off), b.get(off)) for off in set(a) | set(b) if a.get(off) != b.get(off)}
+    assert not differ, ("the two copies of the stream are out of step "
+                        f"(offset: (length, carved) at KME_A, at KME_B): {differ}")
 
 
 def pending_ids(path: Path) -> set[str]:
@@ -325,6 +365,8 @@ def test_sigkill_during_traffic_loses_no_delivered_key(
     wait_until(n, lambda: not pending_ids(n.store("KME_A")) and not pending_ids(n.store("KME_B")),
                15, "the pending tables to empty")
 
+    assert_streams_in_step(n.store("KME_A"), n.store("KME_B"))
+
     slaves = {s: n.client(s, timeout_s=5.0, retries=0) for _, s in flows}
     received = traffic.received
     by_flow: dict[tuple[str, str], list[str]] = {}
@@ -380,3 +422,65 @@ def test_sigkill_during_traffic_loses_no_delivered_key(
             other = owners.setdefault(data[i:i + WINDOW], kid)
             assert other == kid, f"key_IDs {other} and {kid} share stream bytes"
     assert len(received) > 200, len(received)
+
+
+@pytest.mark.parametrize("releaser", ["KME_A", "KME_B"],
+                         ids=["emitter-releases", "receiver-releases"])
+def test_release_resent_after_its_answer_was_lost_keeps_streams_in_step(
+        tmp_path: Path, pki: Pki, releaser: str) -> None:
+    """A KME dies after its peer applied a release and before it recorded the answer.
+
+    The release is the one for a key whose reservation the peer made but whose
+    answer never arrived (the master got no key). On restart the KME finds its
+    pending record and sends the release again; the peer must treat the repeat
+    as done, and both copies of the stream must stay in step: no range counted
+    as carved twice (a block dropped before all its keys were carved, a later
+    key then "out of step"), none never carved (key material kept for ever).
+    """
+    peer = "KME_B" if releaser == "KME_A" else "KME_A"
+    master, slave = ("SAE_1", "SAE_2") if releaser == "KME_A" else ("SAE_2", "SAE_1")
+    kmes = KmePair(tmp_path, pki, rate_bps=1e6)
+    try:
+        kmes.start()
+        kmes.wait_for_keys(512)
+        kid = str(uuid.uuid4())
+
+        async def promise_reserve_release() -> None:
+            # What enc_keys does up to the reservation, and the reservation at the peer ...
+            mine, theirs = kmes.servers[releaser].kme, kmes.servers[peer].kme
+            me = Identity(releaser, ROLE_KME)
+            with mine.store.tx():
+                offset = mine.store.allocate(peer, [32])[0] if releaser == "KME_A" else None
+                mine.store.add_pending(peer, [Pending(kid, offset, 32)])
+            key = {"key_ID": kid, "length": 32} | ({"offset": offset} if offset is not None
+                                                   else {})
+            answer = theirs.peer_reserve(me, {"groups": [
+                {"master": master, "slaves": [slave], "keys": [key]}]})
+            assert "error" not in answer["groups"][0], answer
+            # ... whose answer is lost: the releaser releases the key, and the peer applies
+            # the release, but that answer is lost too (the releaser dies now).
+            theirs.peer_release(me, {"keys": [key]})
+
+        kmes.loop.run(promise_reserve_release())
+        kmes.stop(releaser)
+        kmes.start(releaser)   # finds the pending record, releases the key again
+        store = tmp_path / f"{releaser}.sqlite"
+        deadline = time.monotonic() + 10
+        while pending_ids(store):
+            assert time.monotonic() < deadline, "the pending record was not released"
+            time.sleep(0.05)
+
+        # The slave cannot have the key; keys keep flowing through the rest of the block.
+        with pytest.raises(KMEBadRequest):
+            kmes.client(slave, retries=0).get_keys_with_ids(master, [kid])
+        sae1 = kmes.client("SAE_1", retries=0)
+        errors = []
+        for _ in range(20):   # 20 kB: past the 8 kB block holding the released range
+            try:
+                sae1.get_keys("SAE_2", 32)
+            except KMEError as exc:
+                errors.append(exc.message)
+        assert not errors, errors
+        assert_streams_in_step(tmp_path / "KME_A.sqlite", tmp_path / "KME_B.sqlite")
+    finally:
+        kmes.close()

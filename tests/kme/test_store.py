@@ -295,8 +295,11 @@ def test_pending_add_list_drop(store: Store) -> None:
 
 def test_released_tombstones(store: Store) -> None:
     assert not store.any_released(["r1"])
-    store.add_released(["r1", "r2"])
-    store.add_released(["r1"])  # idempotent
+    assert store.released("r1") is False
+    store.add_released("r1", (64, 32))
+    store.add_released("r2", None)
+    store.add_released("r1", None)  # idempotent: the first answer stays
+    assert store.released("r1") == (64, 32) and store.released("r2") is None
     assert store.any_released(["x", "r2"])
     assert not store.any_released(["x", "y"])
     assert not store.any_released([])
@@ -316,7 +319,7 @@ def test_state_survives_closing_and_reopening(path: Path) -> None:
         (off,) = s.allocate(PEER, [8])
         s.add_key("k1", PEER, "SAE_1", off, 8, s.carve(PEER, off, 8), ["SAE_2"])
         s.add_pending(PEER, [Pending("p1", 8, 8)])
-    s.add_released(["r1"])
+    s.add_released("r1", None)
     s.close()
 
     s = Store(path)
