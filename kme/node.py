@@ -305,10 +305,10 @@ class Kme:
                 if not isinstance(kid, str) or not isinstance(length, int) or length <= 0:
                     raise ApiError.bad_request("each key needs a key_ID and a length")
                 before = self.store.released(kid)
-                if before is not False:  # released already: answer as the first time
-                    if before is not None:
-                        released.append({"key_ID": kid, "offset": before[0],
-                                         "length": before[1]})
+                if before is not None:  # released already: answer as the first time
+                    if before.range is not None:
+                        released.append({"key_ID": kid, "offset": before.range[0],
+                                         "length": before.range[1]})
                     continue
                 rng = self.store.drop_key(kid)
                 self.store.add_released(kid, rng)

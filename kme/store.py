@@ -117,6 +117,13 @@ class Pending:
     length: int
 
 
+@dataclass(frozen=True)
+class Released:
+    """A released key ID and the stream range its reserved key had here (None: none)."""
+
+    range: tuple[int, int] | None
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,14 +359,14 @@ class Store:
             (key_id, time.time(), *(rng or (None, None))),
         )
 
-    def released(self, key_id: str) -> tuple[int, int] | bool | None:
-        """False if never released; else the range it had here (None: no reserved key)."""
+    def released(self, key_id: str) -> Released | None:
+        """How a key ID was released here, or None if it never was."""
         row = self._db.execute(
             "SELECT offset, length FROM released WHERE key_id=?", (key_id,)
         ).fetchone()
         if row is None:
-            return False
-        return (row[0], row[1]) if row[0] is not None else None
+            return None
+        return Released((row[0], row[1]) if row[0] is not None else None)
 
     def any_released(self, key_ids: Sequence[str]) -> bool:
         for k in key_ids:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kme.errors import ApiError
-from kme.store import LinkState, Pending, Store, StreamGap
+from kme.store import LinkState, Pending, Released, Store, StreamGap
 
 PEER = "KME_B"
 STREAM = os.urandom(48)  # three 16-byte blocks
@@ -295,11 +295,11 @@ def test_pending_add_list_drop(store: Store) -> None:
 
 def test_released_tombstones(store: Store) -> None:
     assert not store.any_released(["r1"])
-    assert store.released("r1") is False
+    assert store.released("r1") is None
     store.add_released("r1", (64, 32))
     store.add_released("r2", None)
     store.add_released("r1", None)  # idempotent: the first answer stays
-    assert store.released("r1") == (64, 32) and store.released("r2") is None
+    assert store.released("r1") == Released((64, 32)) and store.released("r2") == Released(None)
     assert store.any_released(["x", "r2"])
     assert not store.any_released(["x", "y"])
     assert not store.any_released([])
