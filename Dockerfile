@@ -20,7 +20,7 @@ COPY kme ./kme
 COPY keyclient ./keyclient
 COPY gateways ./gateways
 COPY apps ./apps
-RUN pip install . && cd / && rm -rf /src
+RUN pip install ".[fast]" && cd / && rm -rf /src
 
 # Non-root. /state is where the compose named volume is mounted; a fresh named volume
 # takes the ownership of the image folder, so the PKI and stores are written as qgw.
