@@ -9,7 +9,6 @@ with the OPENQKD field trials. Later gateways add one step each.
 from __future__ import annotations
 
 import shutil
-import socket
 import statistics
 import threading
 import time
@@ -25,6 +24,7 @@ from keyclient.session import KeySession, SessionState
 from kme.network import LocalNetwork, default_network, prepare
 from qgw.errors import QgwError
 from qgw.pki import Pki
+from qgw.ports import free_ports
 
 UC35_TIME_TO_KEY_S = 21.7537   # D8.7, use case 35, KPI_3
 UC31_REKEY_INTERVAL_S = 60.0   # D8.7, use case 31: encryptors rekeyed once a minute
@@ -86,12 +86,6 @@ class DemoResult:
 Progress = Callable[[str], None]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_for_keys(client: Etsi014Client, slave: str, wanted: int, progress: Progress,
                    timeout_s: float = 30.0) -> int:
     deadline = time.monotonic() + timeout_s
@@ -110,8 +104,9 @@ def run_demo(state: Path, *, rekeys: int = 10, interval_s: float = 1.0,
     link_rate = spec.links[0].key_rate_bps or 0.0
     # Each demo starts its KMEs with empty stores (the PKI is kept), so runs compare.
     shutil.rmtree(state / "store", ignore_errors=True)
-    base = _free_port()
-    eps = prepare(state, spec, base_port=base, metrics_base_port=_free_port())
+    count = len(spec.kmes)
+    eps = prepare(state, spec, base_port=free_ports(count)[0],
+                  metrics_base_port=free_ports(count)[0])
     pki = Pki(state.resolve() / "pki")
     result = DemoResult(link_rate_bps=link_rate, rekey_interval_s=interval_s, source=mode.value)
     progress("starting two KMEs (KME_A, KME_B) and their QKD link")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
 import threading
 import time
 import warnings
@@ -20,6 +19,7 @@ from keyclient import Etsi014Client
 from kme.config import KmeConfig
 from kme.server import KmeServer
 from qgw.pki import KmeSpec, Pki, SaeSpec, init_pki
+from qgw.ports import free_ports
 
 T = TypeVar("T")
 
@@ -28,9 +28,7 @@ SAES = {"SAE_1": "KME_A", "SAE_2": "KME_B", "SAE_3": "KME_B", "SAE_4": "KME_A",
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def make_pki(root: Path) -> Pki:

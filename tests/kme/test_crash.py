@@ -26,7 +26,6 @@ import contextlib
 import queue
 import random
 import signal
-import socket
 import sqlite3
 import threading
 import time
@@ -43,6 +42,7 @@ from keyclient.errors import KMEBadRequest, KMEError, KMEUnavailable
 from kme.network import LinkSpec, LocalNetwork, default_network, prepare
 from kme.store import Pending
 from qgw.pki import Pki
+from qgw.ports import free_ports
 from qgw.tls import ROLE_KME, Identity
 from tests.harness import KmePair
 
@@ -69,19 +69,7 @@ pytestmark = [
 
 def _free_port_pair() -> int:
     """A port p with p and p+1 both free (prepare() numbers ports consecutively)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port >= 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
+    return free_ports(2)[0]
 
 
 @dataclass
