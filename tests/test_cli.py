@@ -15,6 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from qgw.cli import app
+from qgw.ports import free_ports
 from tests.harness import KmePair, free_port
 
 runner = CliRunner()
@@ -116,11 +117,10 @@ def _port_open(port: int) -> bool:
 
 
 def test_kme_up_runs_the_embedded_network_until_ctrl_c(tmp_path: Path) -> None:
-    port = free_port()
-    while _port_open(port + 1):
-        port = free_port()
+    port, metrics = free_ports(2)[0], free_ports(2)[0]
     proc = subprocess.Popen([sys.executable, "-m", "qgw", "kme", "up", "--state",
-                             str(tmp_path / "state"), "--port", str(port)],
+                             str(tmp_path / "state"), "--port", str(port),
+                             "--metrics-port", str(metrics)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=dict(os.environ, COLUMNS="200"))
     try:

@@ -37,6 +37,8 @@ def up(
         Path(".qgw"),
     port: Annotated[int, typer.Option(help="HTTPS port of the first KME; the next use +1.")] =
         8443,
+    metrics_port: Annotated[int, typer.Option(
+        help="Metrics port of the first KME (/metrics, /health); the next use +1.")] = 9443,
     key_rate: Annotated[float | None, typer.Option(
         help="Link secret key rate in bit/s (default: 8400, UC33 Norte-Distrito).")] = None,
 ) -> None:
@@ -49,7 +51,7 @@ def up(
     if key_rate is not None:
         spec.links = [type(link)(link.a, link.b, key_rate, link.loss_db) for link in spec.links]
     with friendly_errors():
-        endpoints = prepare(state, spec, base_port=port)
+        endpoints = prepare(state, spec, base_port=port, metrics_base_port=metrics_port)
         with LocalNetwork(endpoints, state / "logs"):
             table = Table(title="Simulated QKD network")
             for col in ("KME", "ETSI 014 URL", "metrics", "SAEs"):
