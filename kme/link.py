@@ -118,10 +118,10 @@ class LinkRuntime:
             if self.up:
                 credit += (self.rate_bps or 0.0) * (now - last)
             last = now
-            credit -= self._generate(credit)
-            if self.store.held_bytes(self.peer) + block > self.capacity_bytes:
-                credit = 0.0
             try:
+                credit -= self._generate(credit)
+                if self.store.held_bytes(self.peer) + block > self.capacity_bytes:
+                    credit = 0.0  # full: devices stop, and do not catch up later
                 await self._push()
                 backoff = self.tick_s
                 await asyncio.sleep(self.tick_s)
