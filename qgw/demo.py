@@ -75,7 +75,8 @@ class DemoResult:
     epochs_compared: int = 0
     epochs_matching: int = 0
     rekey_interval_s: float = 1.0
-    source: str = "qkd"
+    mode: str = "qkd"
+    source: str = "-"  # of the last key
 
     @property
     def ok(self) -> bool:
@@ -108,7 +109,7 @@ def run_demo(state: Path, *, rekeys: int = 10, interval_s: float = 1.0,
     eps = prepare(state, spec, base_port=free_ports(count)[0],
                   metrics_base_port=free_ports(count)[0])
     pki = Pki(state.resolve() / "pki")
-    result = DemoResult(link_rate_bps=link_rate, rekey_interval_s=interval_s, source=mode.value)
+    result = DemoResult(link_rate_bps=link_rate, rekey_interval_s=interval_s, mode=mode.value)
     progress("starting two KMEs (KME_A, KME_B) and their QKD link")
     with LocalNetwork(eps, state / "logs"), \
             Etsi014Client(eps["KME_A"].url, pki.sae_files("SAE_1")) as master_kme, \
@@ -181,6 +182,7 @@ def _run_sessions(pki: Pki, master_kme: Etsi014Client, slave_kme: Etsi014Client,
         result.rekeys = st.rekeys
         result.rekey_failures = st.rekey_failures
         result.pool_level = st.pool_level
+        result.source = st.source.value if st.source else "-"
         if st.state is not SessionState.PROTECTED:
             raise QgwError(f"key session ended {st.state.value}: {st.last_error}")
     finally:

@@ -53,5 +53,5 @@ def demo(
     if not result.ok:
         console.print("[bold red]demo failed:[/] keys did not agree at both ends")
         raise typer.Exit(1)
-    console.print(f"[green]ok[/]: {result.rekeys} rekeys, source {result.source}. "
-                  f"State and logs in {state}.")
+    console.print(f"[green]ok[/]: {result.rekeys} rekeys under supply mode {result.mode}, "
+                  f"last key from {result.source}. State and logs in {state}.")
