@@ -27,3 +27,12 @@ def test_other_format_is_refused(tmp_path: Path, version: int) -> None:
     db.close()
     with pytest.raises(StoreError, match=r"another format.*move it away"):
         Store(tmp_path / "k.sqlite")
+
+
+def test_store_files_are_owner_only(tmp_path: Path) -> None:
+    s = Store(tmp_path / "kme" / "k.sqlite")
+    with s.tx():
+        s.ensure_link("KME_B")
+    for f in (tmp_path / "kme").iterdir():  # the database and its -wal/-shm files
+        assert f.stat().st_mode & 0o077 == 0, f
+    s.close()
