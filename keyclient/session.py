@@ -135,7 +135,7 @@ class KeySession:
             self._thread.join(timeout=10)
         self.channel.close()
         self.logic.wipe()
-        self._set(state=SessionState.STOPPED)
+        self.note(state=SessionState.STOPPED)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -177,7 +177,7 @@ class KeySession:
                 except queue.Empty:
                     break
                 if kind == "link":
-                    self._set(peer_connected=bool(value))
+                    self.note(peer_connected=bool(value))
                     self.logic.on_link(bool(value))
                 else:
                     self._handle(value)
@@ -203,7 +203,8 @@ class KeySession:
     def status(self) -> SessionStatus:
         return self._status
 
-    def _set(self, **changes: Any) -> None:
+    def note(self, **changes: Any) -> None:
+        """Update the status; listeners hear of real changes only."""
         old = self._status
         new = replace(old, **changes)
         if new == old:
@@ -242,7 +243,7 @@ class KeySession:
         if was in (SessionState.FAILED_CLOSED, SessionState.GRACE):
             log.warning("key session protected again (epoch %d, %s)", key.epoch,
                         key.source.value)
-        self._set(state=SessionState.PROTECTED, epoch=key.epoch, source=key.source,
+        self.note(state=SessionState.PROTECTED, epoch=key.epoch, source=key.source,
                   key_id=key.key_id, rekeys=self._status.rekeys + 1)
 
     def retire_older_than(self, epoch: int, at: float) -> None:
@@ -266,7 +267,7 @@ class KeySession:
 
     def supply_failed(self, now: float, reason: str) -> None:
         """A key could not be obtained or agreed: go to grace, or fail closed."""
-        self._set(supply_failures=self._status.supply_failures + 1, last_error=reason)
+        self.note(supply_failures=self._status.supply_failures + 1, last_error=reason)
         if self.overdue_since is None:
             due = self.active.due if self.active is not None else None
             self.overdue_since = min(now, due) if due is not None else now
@@ -274,7 +275,7 @@ class KeySession:
             if self._status.state is not SessionState.GRACE:
                 log.warning("rekey failed (%s); keeping epoch %d for up to %.1f s", reason,
                             self.active.key.epoch, self.policy.grace_s)
-            self._set(state=SessionState.GRACE)
+            self.note(state=SessionState.GRACE)
             return
         self.fail_closed(reason)
 
@@ -292,7 +293,7 @@ class KeySession:
         for epoch in sorted(self._installed):
             self.retire_now(epoch)
         self._retires.clear()
-        self._set(state=SessionState.FAILED_CLOSED, epoch=None, source=None, key_id=None,
+        self.note(state=SessionState.FAILED_CLOSED, epoch=None, source=None, key_id=None,
                   last_error=reason)
 
     def _next_wait(self, now: float) -> float:
@@ -304,6 +305,3 @@ class KeySession:
             deadlines.append(self.overdue_since + self.policy.grace_s)
         wait = min((d - now for d in deadlines), default=1.0)
         return min(max(wait, 0.001), 1.0)
-
-    def note(self, **changes: Any) -> None:
-        self._set(**changes)

@@ -151,13 +151,13 @@ class LinkRuntime:
         return count * block * 8
 
     async def _push(self) -> None:
-        blocks = self.store.unconfirmed_blocks(self.peer)
-        size, cut = 0, 0
-        for cut, (_, data) in enumerate(blocks[:PUSH_MAX_BLOCKS], 1):  # noqa: B007
-            size += len(data)
-            if size >= PUSH_MAX_BYTES:
+        blocks: list[tuple[int, bytes]] = []
+        size = 0
+        for block in self.store.unconfirmed_blocks(self.peer)[:PUSH_MAX_BLOCKS]:
+            if blocks and size + len(block[1]) > PUSH_MAX_BYTES:
                 break
-        blocks = blocks[:cut]
+            blocks.append(block)
+            size += len(block[1])
         due = self.last_contact is None or self.clock() - self.last_contact >= HEARTBEAT_S
         if not blocks and self.up and not due:
             return

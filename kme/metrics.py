@@ -15,7 +15,7 @@ class KmeMetrics:
         self.requests = Counter(
             "qgw_kme_requests", "ETSI 014 and KME-to-KME requests by call and HTTP status",
             ["call", "code"], registry=self.registry,
-        ).labels  # bound below per call
+        )
         self.latency = Histogram(
             "qgw_kme_request_seconds", "Time to answer a request", ["call"],
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5),
@@ -48,5 +48,5 @@ class KmeMetrics:
         self.info.labels(**labels).set(1)
 
     def request(self, call: str, code: int, seconds: float) -> None:
-        self.requests(call=call, code=str(code)).inc()
+        self.requests.labels(call=call, code=str(code)).inc()
         self.latency.labels(call=call).observe(seconds)

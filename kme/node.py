@@ -139,12 +139,13 @@ class Kme:
         length = req.size // 8
         ids = [str(uuid.uuid4()) for _ in range(req.number)]
         total = length * req.number
+        cursor: int | None = None  # the emitter's new allocation cursor, for the peer
         if link.emitter:
             with self.store.tx():
-                offsets: list[int | None] = list(
-                    self.store.allocate(link.peer, [length] * req.number))
-                pend = [Pending(k, o, length) for k, o in zip(ids, offsets, strict=True)]
+                allocated = self.store.allocate(link.peer, [length] * req.number)
+                pend = [Pending(k, o, length) for k, o in zip(ids, allocated, strict=True)]
                 self.store.add_pending(link.peer, pend)
+            cursor = allocated[-1] + length
         else:
             available = link.available_bytes()
             if available < total:
@@ -158,8 +159,8 @@ class Kme:
             "keys": [{"key_ID": p.key_id, "length": p.length}
                      | ({"offset": p.offset} if p.offset is not None else {}) for p in pend],
         }
-        if link.emitter:
-            body["cursor"] = self.store.link_state(link.peer).cursor
+        if cursor is not None:
+            body["cursor"] = cursor
         try:
             reply = await link.reserve(body)
             link.mark_contact(True)
@@ -292,7 +293,7 @@ class Kme:
         out: dict[str, Any] = {"keys": [{"key_ID": k, "offset": o}
                                         for k, o in zip(ids, offsets, strict=True)]}
         if link.emitter:
-            out["cursor"] = self.store.link_state(link.peer).cursor
+            out["cursor"] = offsets[-1] + lengths[-1]  # allocate() moved it just past
         return out
 
     def peer_release(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:

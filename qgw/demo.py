@@ -96,7 +96,8 @@ def _wait_for_keys(client: Etsi014Client, slave: str, wanted: int, progress: Pro
             return st.stored_key_count
         progress(f"the QKD link is delivering key: {st.stored_key_count}/{wanted} keys stored")
         time.sleep(0.2)
-    raise QgwError("the simulated QKD link delivered no key within 30 s; see the KME logs")
+    raise QgwError(f"the simulated QKD link did not store {wanted} keys within "
+                   f"{timeout_s:.0f} s; see the KME logs")
 
 
 def run_demo(state: Path, *, rekeys: int = 10, interval_s: float = 1.0,
