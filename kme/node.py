@@ -135,14 +135,30 @@ class Kme:
         if len(set(slaves)) != len(slaves):
             raise ApiError.bad_request("additional_slave_SAE_IDs repeats the slave SAE",
                                        parameter="additional_slave_SAE_IDs")
-        link = self._link_for_slaves(master, slaves)
-        length = req.size // 8
         ids = [str(uuid.uuid4()) for _ in range(req.number)]
-        total = length * req.number
+        keys = await self.share_keys(master, slaves, ids, req.size // 8)
+        self.metrics.keys_delivered.labels(role="master").inc(len(keys))
+        return keys
+
+    async def share_keys(self, master: str, slaves: list[str], ids: list[str], length: int,
+                         *, keep: bool = False) -> list[tuple[str, bytes]]:
+        """Make keys `ids` of `length` bytes shared by SAE `master` (here) and `slaves`.
+
+        The slaves' KME stores them for the slaves. With `keep`, this KME also stores
+        its copies for `master` (holder and master both `master`), in the same
+        transaction that carves them, for key streams (ETSI 004) and SKIP.
+        """
+        link = self._link_for_slaves(master, slaves)
+        return await self._share_direct(link, master, slaves, ids, length, keep)
+
+    async def _share_direct(self, link: LinkRuntime, master: str, slaves: list[str],
+                            ids: list[str], length: int,
+                            keep: bool) -> list[tuple[str, bytes]]:
+        total = length * len(ids)
         cursor: int | None = None  # the emitter's new allocation cursor, for the peer
         if link.emitter:
             with self.store.tx():
-                allocated = self.store.allocate(link.peer, [length] * req.number)
+                allocated = self.store.allocate(link.peer, [length] * len(ids))
                 pend = [Pending(k, o, length) for k, o in zip(ids, allocated, strict=True)]
                 self.store.add_pending(link.peer, pend)
             cursor = allocated[-1] + length
@@ -180,6 +196,10 @@ class Kme:
             with self.store.tx():
                 keys = [(p.key_id, self.store.carve(link.peer, off, p.length))
                         for p, off in zip(pend, offsets, strict=True) if off is not None]
+                if keep:
+                    for (kid, material), off in zip(keys, offsets, strict=True):
+                        self.store.add_key(kid, link.peer, master, -1 if off is None else off,
+                                           length, material, [master])
                 self.store.drop_pending(ids)
                 if not link.emitter and isinstance(reply.get("cursor"), int):
                     self.store.note_cursor(link.peer, reply["cursor"])
@@ -187,7 +207,6 @@ class Kme:
             log.error("cannot deliver keys reserved at %s: %s", link.peer, exc)
             link.queue_release(pend)
             raise ApiError.unavailable("key stream out of step with the peer KME") from None
-        self.metrics.keys_delivered.labels(role="master").inc(len(keys))
         return keys
 
     @staticmethod

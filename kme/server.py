@@ -19,7 +19,7 @@ import yaml
 from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kme import wire014
+from kme import api004, skip, wire014
 from kme.config import KmeConfig
 from kme.errors import ApiError
 from kme.node import Kme
@@ -186,6 +186,8 @@ def make_app(kme: Kme) -> web.Application:
     r.add_route("POST", base + "/dec_keys", dec_keys, name="dec_keys_post")
     r.add_get("/api/v1/openapi.json", openapi, name="openapi")
     r.add_get(WS_PATH, peer_socket, name="peer_link")
+    api004.add_routes(app)
+    skip.add_routes(app)
     return app
 
 
