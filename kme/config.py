@@ -138,8 +138,8 @@ class KmeConfig(Strict):
             raise ValueError("two links to the same peer KME")
         if self.kme_id in peers:
             raise ValueError("a KME cannot have a link to itself")
-        if not any(kme == self.kme_id for kme in self.saes.values()):
-            raise ValueError(f"no SAE is attached to {self.kme_id}")
+        if not self.links and not any(kme == self.kme_id for kme in self.saes.values()):
+            raise ValueError(f"{self.kme_id} has neither an SAE nor a link: it would serve nobody")
         return self
 
     def link_to(self, kme_id: str) -> Link | None:

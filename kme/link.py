@@ -59,6 +59,7 @@ class LinkRuntime:
         # A block never exceeds the store: devices deliver what fits.
         self.block_size = min(cfg.block_size, capacity_bytes)
         self.up = False
+        self.admin_down = False  # an operator cut the link: no new key, stored key remains
         self.last_contact: float | None = None
         self._release_queue: dict[str, Pending] = {}
         self._release_wake = asyncio.Event()
@@ -101,7 +102,7 @@ class LinkRuntime:
         return {
             "peer_KME_ID": self.peer,
             "role": "emitter" if self.emitter else "receiver",
-            "state": "up" if self.up else "down",
+            "state": "down (operator)" if self.admin_down else "up" if self.up else "down",
             "key_rate_bps": self.rate_bps,
             "available_bits": self.available_bytes() * 8,
         }
@@ -115,7 +116,7 @@ class LinkRuntime:
         backoff = self.tick_s
         while not self._stopping:
             now = self.clock()
-            if self.up:
+            if self.up and not self.admin_down:
                 credit += (self.rate_bps or 0.0) * (now - last)
             last = now
             try:

@@ -44,6 +44,31 @@ class KmeMetrics:
             "qgw_kme_reserved_keys", "Keys held for slave SAEs that have not fetched them",
             registry=self.registry,
         )
+        self.relayed_keys = Counter(
+            "qgw_kme_relayed_keys", "Keys relayed through trusted nodes, by this KME's role",
+            ["role"], registry=self.registry,
+        )
+        self.relay_hops = Histogram(
+            "qgw_kme_relay_hops", "Hops of the paths relayed keys took from this KME",
+            buckets=(1, 2, 3, 4, 5, 6, 8, 10), registry=self.registry,
+        )
+        self.relay_seconds = Histogram(
+            "qgw_kme_relay_seconds", "Time to relay keys end to end, at the master's KME",
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5),
+            registry=self.registry,
+        )
+        self.relay_failures = Counter(
+            "qgw_kme_relay_failures", "Relay attempts that failed at some hop",
+            registry=self.registry,
+        )
+        self.relay_link_bits = Counter(
+            "qgw_kme_relay_link_key_bits", "Link key bits spent on relay hops sent over a link",
+            ["peer"], registry=self.registry,
+        )
+        self.keys_served = Counter(
+            "qgw_kme_keys_served", "Keys handed to SAEs, by master and slave SAE",
+            ["master", "slave"], registry=self.registry,
+        )
         self.info = Gauge("qgw_kme_info", "KME identity", ["kme"], registry=self.registry)
         self.info.labels(**labels).set(1)
 

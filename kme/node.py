@@ -30,6 +30,8 @@ from kme.errors import ApiError
 from kme.link import LinkRuntime
 from kme.metrics import KmeMetrics
 from kme.peer import PeerClient, PeerError
+from kme.relay import Relay, hop_cost_bytes, relay_sae
+from kme.routing import LinkAd, LinkStateDb, NoPath
 from kme.store import Pending, Store, StreamGap
 from kme.wire014 import KeyRequest, Limits
 from qgw.tls import ROLE_KME, ROLE_SAE, Identity, client_context
@@ -37,6 +39,8 @@ from qgw.tls import ROLE_KME, ROLE_SAE, Identity, client_context
 log = logging.getLogger("qgw.kme")
 
 RELEASED_RETENTION_S = 86400.0
+ADVERTISE_S = 1.0
+LOCAL_COPY = "local"  # `peer` of keys this KME keeps for its own SAEs (no stream range)
 
 
 class Kme:
@@ -57,13 +61,21 @@ class Kme:
             )
             for link in cfg.links
         }
+        self.routes = LinkStateDb(cfg.kme_id)
+        self.relay = Relay(self)
+        self._advertiser: asyncio.Task[None] | None = None
+        self._advertise_now = asyncio.Event()
 
     async def start(self) -> None:
         self.store.prune_released(RELEASED_RETENTION_S)
         for link in self.links.values():
             link.start()
+        self._advertiser = asyncio.create_task(self._advertise_loop(), name="advertise")
 
     async def stop(self) -> None:
+        if self._advertiser is not None:
+            self._advertiser.cancel()
+            await asyncio.gather(self._advertiser, return_exceptions=True)
         await asyncio.gather(*(link.stop() for link in self.links.values()))
         self.store.close()
 
@@ -82,7 +94,8 @@ class Kme:
             raise ApiError.bad_request(f"unknown {role} SAE ID {sae!r}", parameter=role)
         return kme
 
-    def _link_for_slaves(self, master: str, slaves: list[str]) -> LinkRuntime:
+    def _target_kme(self, master: str, slaves: list[str]) -> str:
+        """The one KME all `slaves` are attached to (another KME than this one)."""
         kmes = set()
         for slave in slaves:
             if slave == master:
@@ -96,11 +109,7 @@ class Kme:
             kmes.add(kme)
         if len(kmes) != 1:
             raise ApiError.bad_request("all slave SAEs of one request must be at the same KME")
-        (peer,) = kmes
-        link = self.links.get(peer)
-        if link is None:
-            raise ApiError.bad_request(f"no QKD link from {self.kme_id} to {peer}")
-        return link
+        return kmes.pop()
 
     def peer_link(self, caller: Identity | None) -> LinkRuntime:
         if caller is None or caller.role != ROLE_KME or caller.name not in self.links:
@@ -111,22 +120,39 @@ class Kme:
 
     def status(self, caller: Identity | None, slave: str) -> dict[str, Any]:
         master = self._local_sae(caller)
-        link = self._link_for_slaves(master, [slave])
+        target = self._target_kme(master, [slave])
         key_bytes = self.limits.key_size // 8
+        link = self.links.get(target)
+        if link is not None:
+            stored = link.available_bytes() // key_bytes
+            extension: dict[str, Any] = {"qkdgw_link": link.describe()}
+        else:
+            stored, extension = self._relay_status(target, key_bytes)
         return {
             "source_KME_ID": self.kme_id,
-            "target_KME_ID": link.peer,
+            "target_KME_ID": target,
             "master_SAE_ID": master,
             "slave_SAE_ID": slave,
             "key_size": self.limits.key_size,
-            "stored_key_count": link.available_bytes() // key_bytes,
+            "stored_key_count": stored,
             "max_key_count": self.capacity_bytes // key_bytes,
             "max_key_per_request": self.limits.max_key_per_request,
             "max_key_size": self.limits.max_key_size,
             "min_key_size": self.limits.min_key_size,
             "max_SAE_ID_count": self.limits.max_SAE_ID_count,
-            "status_extension": {"qkdgw_link": link.describe()},
+            "status_extension": extension,
         }
+
+    def _relay_status(self, target: str, key_bytes: int) -> tuple[int, dict[str, Any]]:
+        """Keys a relay could deliver now: the path's scarcest link over the cost per key."""
+        cost_bits = hop_cost_bytes(key_bytes) * 8
+        try:
+            path = self.path_to(target, cost_bits)
+        except NoPath:
+            return 0, {"qkdgw_relay": {"path": None, "reason": "no path of working links"}}
+        hops = len(path) - 1
+        return self.routes.bottleneck_bits(path) // cost_bits, {"qkdgw_relay": {
+            "path": path, "hops": hops, "link_key_bits_per_key": cost_bits * hops}}
 
     async def enc_keys(self, caller: Identity | None, slave: str,
                        req: KeyRequest) -> list[tuple[str, bytes]]:
@@ -138,6 +164,7 @@ class Kme:
         ids = [str(uuid.uuid4()) for _ in range(req.number)]
         keys = await self.share_keys(master, slaves, ids, req.size // 8)
         self.metrics.keys_delivered.labels(role="master").inc(len(keys))
+        self.metrics.keys_served.labels(master=master, slave=slave).inc(len(keys))
         return keys
 
     async def share_keys(self, master: str, slaves: list[str], ids: list[str], length: int,
@@ -148,12 +175,34 @@ class Kme:
         its copies for `master` (holder and master both `master`), in the same
         transaction that carves them, for key streams (ETSI 004) and SKIP.
         """
-        link = self._link_for_slaves(master, slaves)
-        return await self._share_direct(link, master, slaves, ids, length, keep)
+        target = self._target_kme(master, slaves)
+        link = self.links.get(target)
+        total = length * len(ids)
+        if link is not None and link.up and link.available_bytes() >= total:
+            return await self.share_on_link(link, master, slaves, ids, length, keep=keep)
+        try:
+            keys = await self.relay.originate(target, master, slaves, ids, length)
+        except ApiError:
+            if link is None:
+                raise
+            # No detour either: the direct link's own answer says best what is missing.
+            return await self.share_on_link(link, master, slaves, ids, length, keep=keep)
+        if keep:
+            with self.store.tx():
+                for kid, material in keys:
+                    self.store.add_key(kid, LOCAL_COPY, master, -1, length, material, [master])
+        return keys
 
-    async def _share_direct(self, link: LinkRuntime, master: str, slaves: list[str],
+    def path_to(self, target: str, need_bits: int,
+                avoid: frozenset[tuple[str, str]] = frozenset()) -> list[str]:
+        """Cheapest working path to KME `target` (this KME first); raises NoPath."""
+        self.routes.set_own(self._own_links())
+        return self.routes.path(self.kme_id, target, need_bits, avoid)
+
+    async def share_on_link(self, link: LinkRuntime, master: str, slaves: list[str],
                             ids: list[str], length: int,
-                            keep: bool) -> list[tuple[str, bytes]]:
+                            keep: bool = False) -> list[tuple[str, bytes]]:
+        """Keys from the link's own stream, reserved at the linked KME for `slaves`."""
         total = length * len(ids)
         cursor: int | None = None  # the emitter's new allocation cursor, for the peer
         if link.emitter:
@@ -197,9 +246,9 @@ class Kme:
                 keys = [(p.key_id, self.store.carve(link.peer, off, p.length))
                         for p, off in zip(pend, offsets, strict=True) if off is not None]
                 if keep:
-                    for (kid, material), off in zip(keys, offsets, strict=True):
-                        self.store.add_key(kid, link.peer, master, -1 if off is None else off,
-                                           length, material, [master])
+                    for kid, material in keys:
+                        self.store.add_key(kid, LOCAL_COPY, master, -1, length, material,
+                                           [master])
                 self.store.drop_pending(ids)
                 if not link.emitter and isinstance(reply.get("cursor"), int):
                     self.store.note_cursor(link.peer, reply["cursor"])
@@ -227,6 +276,7 @@ class Kme:
         with self.store.tx():
             material = self.store.take_keys(slave, master, key_ids)
         self.metrics.keys_delivered.labels(role="slave").inc(len(material))
+        self.metrics.keys_served.labels(master=master, slave=slave).inc(len(material))
         return list(zip(key_ids, material, strict=True))
 
     # -- KME-to-KME --------------------------------------------------------------
@@ -273,12 +323,16 @@ class Kme:
     def _reserve_group(self, link: LinkRuntime, body: dict[str, Any]) -> dict[str, Any]:
         master = body.get("master")
         slaves = body.get("slaves")
-        if not isinstance(master, str) or self.cfg.saes.get(master) != link.peer:
+        hop_key = master == relay_sae(link.peer) and slaves == [relay_sae(self.kme_id)]
+        if hop_key:
+            pass  # a one-time pad for a relay message the peer is about to send
+        elif not isinstance(master, str) or self.cfg.saes.get(master) != link.peer:
             raise ApiError.bad_request(f"master SAE {master!r} is not attached to {link.peer}")
-        if (not isinstance(slaves, list) or not slaves or len(set(slaves)) != len(slaves)
+        elif (not isinstance(slaves, list) or not slaves or len(set(slaves)) != len(slaves)
                 or any(self.cfg.saes.get(s) != self.kme_id for s in slaves)):
             raise ApiError.bad_request(f"slave SAEs {slaves!r} are not all attached to "
                                        f"{self.kme_id}")
+        assert isinstance(master, str) and isinstance(slaves, list)
         ids: list[str] = []
         lengths: list[int] = []
         offsets: list[int] = []
@@ -330,7 +384,7 @@ class Kme:
                         released.append({"key_ID": kid, "offset": before.range[0],
                                          "length": before.range[1]})
                     continue
-                rng = self.store.drop_key(kid)
+                rng = self.store.drop_key(kid, link.peer)
                 self.store.add_released(kid, rng)
                 if rng is not None:
                     released.append({"key_ID": kid, "offset": rng[0], "length": rng[1]})
@@ -340,12 +394,82 @@ class Kme:
                         self.store.carve(link.peer, off, length)
         return {"released": released}
 
+    async def peer_relay(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
+        link = self.peer_link(caller)
+        return await self.relay.receive(link.peer, body)
+
+    def peer_adverts(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
+        """Link-state adverts from a neighbour (see kme.routing)."""
+        self.peer_link(caller)
+        adverts = body.get("adverts")
+        if not isinstance(adverts, list):
+            raise ApiError.bad_request("adverts must be an array")
+        if self.routes.merge(adverts):
+            self._advertise_now.set()
+        return {}
+
+    def peer_link_state(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
+        """The peer's operator took the shared link down or up: a fibre cut hits both ends."""
+        link = self.peer_link(caller)
+        up = body.get("up")
+        if not isinstance(up, bool):
+            raise ApiError.bad_request("up must be true or false")
+        self._set_admin(link, up)
+        return {"up": up}
+
+    # -- operations ---------------------------------------------------------------
+
+    async def set_link(self, peer: str, up: bool) -> dict[str, Any]:
+        """Take the QKD link to `peer` down or bring it back (both ends)."""
+        link = self.links.get(peer)
+        if link is None:
+            raise ApiError.bad_request(f"{self.kme_id} has no QKD link to {peer!r}")
+        self._set_admin(link, up)
+        try:
+            await link.client.call("/kme/v1/link_state", {"up": up})
+            told = True
+        except PeerError as exc:
+            log.warning("could not tell %s that the link is %s: %s", peer,
+                        "up" if up else "down", exc.message)
+            told = False
+        return link.describe() | {"peer_told": told}
+
+    def _set_admin(self, link: LinkRuntime, up: bool) -> None:
+        if link.admin_down == (not up):
+            return
+        link.admin_down = not up
+        log.warning("QKD link %s-%s set %s by an operator", self.kme_id, link.peer,
+                    "up" if up else "down")
+        self._advertise_now.set()
+
+    def _own_links(self) -> dict[str, LinkAd]:
+        return {peer: LinkAd(link.up and not link.admin_down, link.available_bytes() * 8)
+                for peer, link in self.links.items()}
+
+    async def _advertise_loop(self) -> None:
+        """Tell neighbours what this KME knows of the network, each second and on change."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ADVERTISE_S):
+                    await self._advertise_now.wait()
+            self._advertise_now.clear()
+            try:
+                self.routes.set_own(self._own_links())
+                body = {"adverts": [a.to_json() for a in self.routes.fresh()]}
+                await asyncio.gather(*(
+                    link.client.call("/kme/v1/adverts", body)
+                    for link in self.links.values() if link.up
+                ), return_exceptions=True)
+            except Exception:  # routing news must keep flowing whatever one round did
+                log.exception("advertising links failed")
+
     def describe(self) -> dict[str, Any]:
         return {
             "kme_id": self.kme_id,
             "time": time.time(),
             "links": [link.describe() for link in self.links.values()],
             "reserved_keys": self.store.reserved_key_count(),
+            "network": [a.to_json() for a in self.routes.fresh()],
         }
 
 

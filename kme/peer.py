@@ -31,10 +31,12 @@ MAX_MESSAGE = 8 * 1024 * 1024
 class PeerError(Exception):
     """A peer call failed. `status` is None when the peer could not be reached."""
 
-    def __init__(self, peer: str, status: int | None, message: str) -> None:
+    def __init__(self, peer: str, status: int | None, message: str,
+                 details: list[dict[str, Any]] | None = None) -> None:
         self.peer = peer
         self.status = status
         self.message = message
+        self.details = details
         super().__init__(f"peer KME {peer}: {message}")
 
 
@@ -117,7 +119,9 @@ class PeerClient:
             if not fut.done():
                 fut.set_exception(PeerError(self.peer_id, None, f"{why} ({self.url})"))
 
-    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, path: str, body: dict[str, Any],
+                   timeout_s: float | None = None) -> dict[str, Any]:
+        timeout_s = timeout_s or self._timeout_s
         ws = self._ws if self._ws is not None and not self._ws.closed else await self._connect()
         call_id = next(self._ids)
         fut: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
@@ -125,10 +129,10 @@ class PeerClient:
         try:
             await ws.send_str(json.dumps({"id": call_id, "op": path, "body": body}))
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s):
                 status, data = await fut
         except TimeoutError:
-            raise PeerError(self.peer_id, None, f"no answer within {self._timeout_s:g} s") \
+            raise PeerError(self.peer_id, None, f"no answer within {timeout_s:g} s") \
                 from None
         except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
             raise PeerError(self.peer_id, None, f"connection lost ({exc})") from None
@@ -136,7 +140,9 @@ class PeerClient:
             self._waiting.pop(call_id, None)
         if status != 200:
             message = data.get("message") if isinstance(data, dict) else None
-            raise PeerError(self.peer_id, status, str(message or f"status {status}"))
+            details = data.get("details") if isinstance(data, dict) else None
+            raise PeerError(self.peer_id, status, str(message or f"status {status}"),
+                            details if isinstance(details, list) else None)
         if not isinstance(data, dict):
             raise PeerError(self.peer_id, status, "answered with a non-object body")
         return data

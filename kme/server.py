@@ -112,10 +112,19 @@ async def openapi(request: web.Request) -> web.Response:
     return _json(doc)
 
 
-PEER_OPS: dict[str, Callable[[Kme, Identity | None, dict[str, Any]], dict[str, Any]]] = {
+PeerOp = Callable[[Kme, Identity | None, dict[str, Any]], dict[str, Any]]
+AsyncPeerOp = Callable[[Kme, Identity | None, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+PEER_OPS: dict[str, PeerOp] = {
     "/kme/v1/stream": Kme.peer_stream,
     "/kme/v1/reserve": Kme.peer_reserve,
     "/kme/v1/release": Kme.peer_release,
+    "/kme/v1/adverts": Kme.peer_adverts,
+    "/kme/v1/link_state": Kme.peer_link_state,
+}
+# Calls that wait on other KMEs run as tasks, so the link's other calls are not held up.
+ASYNC_PEER_OPS: dict[str, AsyncPeerOp] = {
+    "/kme/v1/relay": Kme.peer_relay,
 }
 
 
@@ -143,33 +152,54 @@ async def _close_peer_sockets(app: web.Application) -> None:
 
 
 async def _serve_peer(kme: Kme, caller: Identity | None, ws: web.WebSocketResponse) -> None:
-    async for msg in ws:
-        if msg.type is not WSMsgType.TEXT:
-            continue
-        started = time.perf_counter()
-        try:
-            call = json.loads(msg.data)
-            call_id, op, body = call["id"], call["op"], call["body"]
-        except (ValueError, KeyError, TypeError, RecursionError):
-            await ws.send_str(json.dumps({"id": None, "status": 400,
-                                          "body": {"message": "malformed peer call"}}))
-            continue
-        method = PEER_OPS.get(op)
-        try:
-            if method is None:
-                raise ApiError.bad_request(f"unknown peer operation {op!r}")
-            if not isinstance(body, dict):
-                raise ApiError.bad_request("peer call body must be an object")
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        async for msg in ws:
+            if msg.type is not WSMsgType.TEXT:
+                continue
+            try:
+                call = json.loads(msg.data)
+                call_id, op, body = call["id"], call["op"], call["body"]
+            except (ValueError, KeyError, TypeError, RecursionError):
+                await ws.send_str(json.dumps({"id": None, "status": 400,
+                                              "body": {"message": "malformed peer call"}}))
+                continue
+            if op in ASYNC_PEER_OPS:
+                task = asyncio.create_task(_answer_peer(kme, caller, ws, call_id, op, body))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            else:
+                await _answer_peer(kme, caller, ws, call_id, op, body)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _answer_peer(kme: Kme, caller: Identity | None, ws: web.WebSocketResponse,
+                       call_id: Any, op: Any, body: Any) -> None:
+    started = time.perf_counter()
+    method = PEER_OPS.get(op) if isinstance(op, str) else None
+    async_method = ASYNC_PEER_OPS.get(op) if isinstance(op, str) else None
+    try:
+        if method is None and async_method is None:
+            raise ApiError.bad_request(f"unknown peer operation {op!r}")
+        if not isinstance(body, dict):
+            raise ApiError.bad_request("peer call body must be an object")
+        if async_method is not None:
+            status, data = 200, await async_method(kme, caller, body)
+        else:
+            assert method is not None
             status, data = 200, method(kme, caller, body)
-        except ApiError as exc:
-            status, data = exc.status, exc.body()
-        except Exception:
-            log.exception("internal error in peer call %s", op)
-            status, data = 500, {"message": "internal KME error"}
+    except ApiError as exc:
+        status, data = exc.status, exc.body()
+    except Exception:
+        log.exception("internal error in peer call %s", op)
+        status, data = 500, {"message": "internal KME error"}
+    if not ws.closed:
         await ws.send_str(json.dumps({"id": call_id, "status": status, "body": data}))
-        name = op.rsplit("/", 1)[-1] if method is not None else "unknown"
-        kme.metrics.request(f"peer_{name}", status,
-                            time.perf_counter() - started)
+    known = method is not None or async_method is not None
+    name = op.rsplit("/", 1)[-1] if known else "unknown"
+    kme.metrics.request(f"peer_{name}", status, time.perf_counter() - started)
 
 
 def make_app(kme: Kme) -> web.Application:

@@ -324,16 +324,28 @@ class Store:
             out.append(row[1])
         return out
 
-    def drop_key(self, key_id: str) -> tuple[int, int] | None:
-        """Forget a reserved key nobody will fetch; returns its stream range."""
+    def drop_key(self, key_id: str, peer: str) -> tuple[int, int] | None:
+        """Forget a key reserved over the link to `peer` that nobody will fetch.
+
+        Returns its stream range. Keys that did not come from that link's
+        stream (relayed, or this KME's own copies) are left alone.
+        """
         row = self._db.execute(
-            "SELECT offset, length FROM key WHERE key_id=?", (key_id,)
+            "SELECT offset, length FROM key WHERE key_id=? AND peer=? AND offset >= 0",
+            (key_id, peer),
         ).fetchone()
         if row is None:
             return None
         self._db.execute("DELETE FROM holder WHERE key_id=?", (key_id,))
         self._db.execute("DELETE FROM key WHERE key_id=?", (key_id,))
         return row[0], row[1]
+
+    def key_record(self, key_id: str) -> tuple[str, bytes] | None:
+        """(master, material) of a stored key, to recognise a repeated delivery."""
+        row = self._db.execute(
+            "SELECT master, material FROM key WHERE key_id=?", (key_id,)
+        ).fetchone()
+        return None if row is None else (row[0], bytes(row[1]))
 
     def reserved_key_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM key").fetchone()[0])

@@ -193,11 +193,16 @@ def test_key_limits_accept_equal_bounds() -> None:
 @pytest.mark.parametrize("change, message", [
     ({"links": [BASE["links"][0], BASE["links"][0]]}, "same peer"),
     ({"links": [{"peer": "KME_A", "url": "https://kme-a"}]}, "itself"),
-    ({"saes": {"SAE_2": "KME_B"}}, "no SAE is attached to KME_A"),
+    ({"saes": {"SAE_2": "KME_B"}, "links": []}, "neither an SAE nor a link"),
 ])
 def test_inconsistent_config_is_refused(tmp_path: Path, change: dict[str, Any],
                                         message: str) -> None:
     assert message in str(refused(write(tmp_path, with_(**change))))
+
+
+def test_a_trusted_node_needs_no_sae(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, with_(saes={"SAE_2": "KME_B"})))
+    assert cfg.links and "KME_A" not in cfg.saes.values()
 
 
 def test_block_size_grows_with_the_rate() -> None:

@@ -263,11 +263,19 @@ def test_tx_rolls_back_everything_and_nested_tx_joins(path: Path, store: Store) 
 def test_drop_key(store: Store) -> None:
     with store.tx():
         store.add_key("k1", PEER, "SAE_1", 64, 32, b"x" * 32, ["SAE_2", "SAE_3"])
-    assert store.drop_key("k1") == (64, 32)
-    assert store.drop_key("k1") is None
+    assert store.drop_key("k1", "KME_OTHER") is None  # only the link it came from may drop it
+    assert store.drop_key("k1", PEER) == (64, 32)
+    assert store.drop_key("k1", PEER) is None
     assert store.reserved_key_count() == 0
     with api_error(400, "unknown key_ID"), store.tx():
         store.take_keys("SAE_2", "SAE_1", ["k1"])
+
+
+def test_relayed_keys_are_not_dropped_by_a_link(store: Store) -> None:
+    with store.tx():
+        store.add_key("k1", "relay:KME_X", "SAE_1", -1, 32, b"x" * 32, ["SAE_2"])
+    assert store.drop_key("k1", "relay:KME_X") is None
+    assert store.key_record("k1") == ("SAE_1", b"x" * 32)
 
 
 def test_key_id_is_reserved_once(store: Store) -> None:
