@@ -20,7 +20,7 @@ from types import TracebackType
 import yaml
 
 from qgw.errors import QgwError
-from qgw.pki import KmeSpec, Pki, SaeSpec, init_pki
+from qgw.pki import KmeSpec, Pki, SaeSpec, init_pki, kme_dns_name
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class NetworkSpec:
     saes: dict[str, str]
     links: list[LinkSpec]
     limits: dict[str, int] = field(default_factory=dict)
+    name: str = "default"
 
 
 def default_network() -> NetworkSpec:
@@ -57,30 +58,49 @@ class KmeEndpoint:
 
 
 def prepare(state: Path, spec: NetworkSpec, base_port: int = 8443,
-            metrics_base_port: int = 9443) -> dict[str, KmeEndpoint]:
-    """Write the PKI (kept if present) and a config per KME under `state`."""
+            metrics_base_port: int = 9443, *, dns: bool = False,
+            hosts: dict[str, str] | None = None,
+            only: str | None = None) -> dict[str, KmeEndpoint]:
+    """Write the PKI (kept if present) and a config per KME under `state`.
+
+    By default every KME listens on 127.0.0.1 with its own ports (one machine).
+    With `dns` each KME listens on all addresses at `base_port` and reaches its
+    peers by their DNS names (kme-norte...), one container or namespace per KME.
+    `hosts` does the same with given addresses (one network namespace per KME).
+    `only` writes just that KME's config (a container preparing its own node).
+    """
+    if dns:
+        hosts = {k: kme_dns_name(k) for k in spec.kmes}
     state = state.resolve()
+    if only is not None and only not in spec.kmes:
+        raise QgwError(f"{only} is not a node of network {spec.name!r}; its nodes: "
+                       f"{', '.join(spec.kmes)}")
     init_pki(state / "pki", [KmeSpec.parse(k) for k in spec.kmes],
              [SaeSpec(s, k) for s, k in spec.saes.items()])
     pki = Pki(state / "pki")
-    ports = {k: base_port + i for i, k in enumerate(spec.kmes)}
+    spread = hosts is not None
+    ports = {k: base_port + (0 if spread else i) for i, k in enumerate(spec.kmes)}
+    mports = {k: metrics_base_port + (0 if spread else i) for i, k in enumerate(spec.kmes)}
+    host = dict(hosts) if hosts is not None else {k: "127.0.0.1" for k in spec.kmes}
     endpoints = {}
-    for i, kme in enumerate(spec.kmes):
+    for kme in spec.kmes:
         files = pki.kme_files(kme)
         links = []
         for link in spec.links:
             if kme not in (link.a, link.b):
                 continue
             peer = link.b if kme == link.a else link.a
-            entry: dict[str, object] = {"peer": peer, "url": f"https://127.0.0.1:{ports[peer]}",
+            entry: dict[str, object] = {"peer": peer,
+                                        "url": f"https://{host[peer]}:{ports[peer]}",
                                         "loss_db": link.loss_db}
             if link.key_rate_bps is not None:
                 entry["key_rate_bps"] = link.key_rate_bps
             links.append(entry)
+        listen = "0.0.0.0" if spread else "127.0.0.1"
         cfg: dict[str, object] = {
             "kme_id": kme,
-            "listen": {"host": "127.0.0.1", "port": ports[kme]},
-            "metrics": {"host": "127.0.0.1", "port": metrics_base_port + i},
+            "listen": {"host": listen, "port": ports[kme]},
+            "metrics": {"host": listen, "port": mports[kme]},
             "tls": {"ca": str(files.ca), "cert": str(files.cert), "key": str(files.key)},
             "store": str(state / "store" / f"{kme}.sqlite"),
             "saes": dict(spec.saes),
@@ -89,10 +109,15 @@ def prepare(state: Path, spec: NetworkSpec, base_port: int = 8443,
         if spec.limits:
             cfg["limits"] = dict(spec.limits)
         path = state / "config" / f"{kme}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        endpoints[kme] = KmeEndpoint(kme, f"https://localhost:{ports[kme]}", path,
-                                     f"http://127.0.0.1:{metrics_base_port + i}")
+        if only is None or only == kme:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            tmp.replace(path)
+        local = host[kme] if spread else "localhost"
+        endpoints[kme] = KmeEndpoint(kme, f"https://{local}:{ports[kme]}", path,
+                                     f"http://{host[kme] if spread else '127.0.0.1'}:"
+                                     f"{mports[kme]}")
     return endpoints
 
 

@@ -34,7 +34,7 @@ from kme.relay import Relay, hop_cost_bytes, relay_sae
 from kme.routing import LinkAd, LinkStateDb, NoPath
 from kme.store import Pending, Store, StreamGap
 from kme.wire014 import KeyRequest, Limits
-from qgw.tls import ROLE_KME, ROLE_SAE, Identity, client_context
+from qgw.tls import ROLE_ADMIN, ROLE_KME, ROLE_SAE, Identity, client_context
 
 log = logging.getLogger("qgw.kme")
 
@@ -419,6 +419,11 @@ class Kme:
 
     # -- operations ---------------------------------------------------------------
 
+    @staticmethod
+    def require_operator(caller: Identity | None) -> None:
+        if caller is None or caller.role != ROLE_ADMIN:
+            raise ApiError.unauthorized("only the network operator's certificate may do this")
+
     async def set_link(self, peer: str, up: bool) -> dict[str, Any]:
         """Take the QKD link to `peer` down or bring it back (both ends)."""
         link = self.links.get(peer)
@@ -443,7 +448,8 @@ class Kme:
         self._advertise_now.set()
 
     def _own_links(self) -> dict[str, LinkAd]:
-        return {peer: LinkAd(link.up and not link.admin_down, link.available_bytes() * 8)
+        return {peer: LinkAd(link.up and not link.admin_down, link.available_bytes() * 8,
+                             link.rate_bps)
                 for peer, link in self.links.items()}
 
     async def _advertise_loop(self) -> None:

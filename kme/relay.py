@@ -3,7 +3,7 @@
 The master's KME draws fresh keys from the OS CSPRNG and sends them hop by
 hop along a path of QKD links (`kme.routing`). On every hop the sender
 reserves a one-time hop key on that link (the usual reservation, between the
-pseudo-SAEs `relay:<KME>`), encrypts the keys with it as a one-time pad and
+pseudo-SAEs `#relay:<KME>`), encrypts the keys with it as a one-time pad and
 authenticates header and ciphertext with Poly1305 under 32 more bytes of it:
 one-time pad plus one-time authenticator, so the hop is as secret as the
 link key itself. The next KME takes that hop key (once: a replayed message
@@ -46,8 +46,8 @@ OP = "/kme/v1/relay"
 
 
 def relay_sae(kme_id: str) -> str:
-    """Pseudo-SAE name under which hop keys are reserved; `:` never occurs in an SAE ID."""
-    return f"relay:{kme_id}"
+    """Pseudo-SAE name under which hop keys are reserved; `#` never occurs in an SAE ID."""
+    return f"#relay:{kme_id}"
 
 
 def hop_cost_bytes(key_bytes: int) -> int:
@@ -165,7 +165,8 @@ class Relay:
                 failed = d.get("failed_link") if isinstance(d, dict) else None
                 if (isinstance(failed, list) and len(failed) == 2
                         and all(isinstance(x, str) for x in failed)):
-                    raise HopFailed((failed[0], failed[1]), exc.message) from None
+                    raise HopFailed((failed[0], failed[1]), str(d.get("reason", "failed"))) \
+                        from None
             if exc.status == 503:
                 raise HopFailed((here, nxt), exc.message) from None
             raise ApiError.unavailable(f"relay refused by {nxt}: {exc.message}") from None
@@ -208,7 +209,7 @@ class Relay:
             await self._send(path, hop + 1, master, slaves, ids, lengths[0], material)
         except HopFailed as exc:
             raise ApiError(503, f"relay failed at {exc.link[0]}-{exc.link[1]}: {exc.message}",
-                           [{"failed_link": list(exc.link)}]) from None
+                           [{"failed_link": list(exc.link), "reason": exc.message}]) from None
         kme.metrics.relayed_keys.labels(role="transit").inc(len(ids))
         return {"stored": len(ids)}
 

@@ -30,6 +30,7 @@ MAX_AGE_S = 10.0
 class LinkAd:
     up: bool
     available_bits: int
+    rate_bps: float | None = None
 
 
 @dataclass
@@ -41,8 +42,8 @@ class Advert:
 
     def to_json(self) -> dict[str, Any]:
         return {"origin": self.origin, "seq": self.seq,
-                "links": {p: {"up": a.up, "available_bits": a.available_bits}
-                          for p, a in self.links.items()}}
+                "links": {p: {"up": a.up, "available_bits": a.available_bits,
+                              "rate_bps": a.rate_bps} for p, a in self.links.items()}}
 
     @classmethod
     def from_json(cls, data: Any, now: float) -> Advert | None:
@@ -58,8 +59,14 @@ class Advert:
                     and isinstance(ad.get("up"), bool)
                     and isinstance(ad.get("available_bits"), int)):
                 return None
-            parsed[peer] = LinkAd(ad["up"], max(0, ad["available_bits"]))
+            rate = ad.get("rate_bps")
+            parsed[peer] = LinkAd(ad["up"], max(0, ad["available_bits"]),
+                                  float(rate) if isinstance(rate, int | float) else None)
         return cls(origin, seq, parsed, now)
+
+
+def _states(ad: Advert) -> dict[str, bool]:
+    return {peer: link.up for peer, link in ad.links.items()}
 
 
 class NoPath(Exception):
@@ -80,7 +87,11 @@ class LinkStateDb:
         return ad
 
     def merge(self, items: Iterable[Any]) -> bool:
-        """Take newer adverts from a neighbour; True if anything changed."""
+        """Take newer adverts from a neighbour; True if a link came, went, or changed state.
+
+        Key levels change all the time and travel with the periodic adverts;
+        only these changes are worth passing on at once.
+        """
         now = self.clock()
         changed = False
         for item in items:
@@ -90,7 +101,7 @@ class LinkStateDb:
             known = self.adverts.get(ad.origin)
             if known is None or ad.seq > known.seq:
                 self.adverts[ad.origin] = ad
-                changed = changed or known is None or known.links != ad.links
+                changed = changed or known is None or _states(known) != _states(ad)
         return changed
 
     def fresh(self) -> list[Advert]:

@@ -107,6 +107,23 @@ async def dec_keys(request: web.Request) -> web.Response:
     return _json(wire014.key_container(keys))
 
 
+async def admin_link(request: web.Request) -> web.Response:
+    """`PUT /admin/v1/links/{peer}` with {"up": false|true}: cut or restore a QKD link."""
+    kme = request.app[KME_KEY]
+    kme.require_operator(_caller(request))
+    body = await _body(request, allow_empty=False)
+    if not isinstance(body.get("up"), bool):
+        raise ApiError.bad_request("body must be {\"up\": true|false}", parameter="up")
+    return _json(await kme.set_link(request.match_info["peer"], body["up"]))
+
+
+async def admin_network(request: web.Request) -> web.Response:
+    """`GET /admin/v1/network`: this KME's links and its view of the whole network."""
+    kme = request.app[KME_KEY]
+    kme.require_operator(_caller(request))
+    return _json(kme.describe())
+
+
 async def openapi(request: web.Request) -> web.Response:
     doc = yaml.safe_load(files("kme").joinpath("openapi.yaml").read_text())
     return _json(doc)
@@ -216,6 +233,8 @@ def make_app(kme: Kme) -> web.Application:
     r.add_route("POST", base + "/dec_keys", dec_keys, name="dec_keys_post")
     r.add_get("/api/v1/openapi.json", openapi, name="openapi")
     r.add_get(WS_PATH, peer_socket, name="peer_link")
+    r.add_put("/admin/v1/links/{peer}", admin_link, name="admin_link")
+    r.add_get("/admin/v1/network", admin_network, name="admin_network")
     api004.add_routes(app)
     skip.add_routes(app)
     return app

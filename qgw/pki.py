@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from qgw.errors import PkiError
-from qgw.tls import ROLE_KME, ROLE_SAE, TlsFiles, write_private
+from qgw.tls import ROLE_ADMIN, ROLE_KME, ROLE_SAE, TlsFiles, write_private
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 # A KME ID must also make a DNS label: its certificate names it as one (see kme_dns_name).
@@ -105,6 +105,11 @@ class Pki:
     def kme_files(self, kme_id: str) -> TlsFiles:
         return TlsFiles(self.ca_cert, self.root / "kme" / f"{kme_id}.pem",
                         self.root / "kme" / f"{kme_id}.key")
+
+    def operator_files(self) -> TlsFiles:
+        """The network operator's client certificate (KME admin calls: `qgw kme link|status`)."""
+        return TlsFiles(self.ca_cert, self.root / "admin" / "operator.pem",
+                        self.root / "admin" / "operator.key")
 
     def sae_files(self, sae_id: str) -> TlsFiles:
         return TlsFiles(self.ca_cert, self.root / "sae" / f"{sae_id}.pem",
@@ -276,6 +281,12 @@ def init_pki(root: Path, kmes: list[KmeSpec], saes: list[SaeSpec],
             continue
         _issue(pki, files, sae.sae_id, ROLE_SAE, [])
         report.created.append(f"SAE {sae.sae_id}")
+    operator = pki.operator_files()
+    if operator.cert.exists():
+        report.kept.append("operator")
+    else:
+        _issue(pki, operator, "operator", ROLE_ADMIN, [])
+        report.created.append("operator")
     (pki.root / "directory.yaml").write_text(
         yaml.safe_dump({"saes": dict(sorted(directory.items()))}, sort_keys=False)
     )

@@ -18,6 +18,7 @@ from qgw.errors import PkiError
 
 ROLE_KME = "KME"
 ROLE_SAE = "SAE"
+ROLE_ADMIN = "ADMIN"  # the network operator: may take links down and read the whole network
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def peer_identity(peercert: dict[str, Any] | None) -> Identity | None:
                 cn = value
             elif key == "organizationalUnitName":
                 ou = value
-    if not cn or ou not in (ROLE_KME, ROLE_SAE):
+    if not cn or ou not in (ROLE_KME, ROLE_SAE, ROLE_ADMIN):
         return None
     return Identity(cn, ou)
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from keyclient import Etsi014Client
 from kme.config import KmeConfig
 from kme.server import KmeServer
+from kme.topology import Topology
 from qgw.pki import KmeSpec, Pki, SaeSpec, init_pki
 from qgw.ports import free_ports
 
@@ -147,4 +148,79 @@ class KmePair:
         for fn in self._cleanups:
             fn()
         self.stop()
+        self.loop.close()
+
+
+class KmeNet:
+    """Every KME of a topology in this process, on loopback, each with its own port."""
+
+    def __init__(self, tmp: Path, topology: Topology, *, rates: dict[str, float] | None = None,
+                 peer_timeout_s: float = 2.0, tick_s: float = 0.02,
+                 limits: dict[str, int] | None = None) -> None:
+        self.tmp = tmp
+        self.topology = topology
+        init_pki(tmp / "pki", [KmeSpec.parse(k) for k in topology.nodes],
+                 [SaeSpec(s, k) for s, k in topology.saes.items()])
+        self.pki = Pki(tmp / "pki")
+        self.loop = Loop()
+        nodes = list(topology.nodes)
+        ports = free_ports(2 * len(nodes))
+        self.ports = dict(zip(nodes, ports[:len(nodes)], strict=True))
+        self.metrics_ports = dict(zip(nodes, ports[len(nodes):], strict=True))
+        self.servers: dict[str, KmeServer] = {}
+        self.configs: dict[str, KmeConfig] = {}
+        for kme in nodes:
+            links = []
+            for link in topology.links:
+                if kme in (link.a, link.b):
+                    peer = link.b if kme == link.a else link.a
+                    rate = (rates or {}).get(f"{link.a}-{link.b}", link.rate_bps)
+                    links.append({"peer": peer, "url": f"https://localhost:{self.ports[peer]}",
+                                  "key_rate_bps": rate})
+            f = self.pki.kme_files(kme)
+            self.configs[kme] = KmeConfig.model_validate({
+                "kme_id": kme,
+                "listen": {"host": "127.0.0.1", "port": self.ports[kme]},
+                "metrics": {"host": "127.0.0.1", "port": self.metrics_ports[kme]},
+                "tls": {"ca": f.ca, "cert": f.cert, "key": f.key},
+                "store": tmp / f"{kme}.sqlite",
+                "saes": dict(topology.saes),
+                "links": links,
+                "limits": limits or {},
+                "peer_timeout_s": peer_timeout_s,
+                "tick_s": tick_s,
+            })
+        self.clients: list[Etsi014Client] = []
+
+    def start(self) -> KmeNet:
+        for kme, cfg in self.configs.items():
+            server = KmeServer(cfg)
+            self.loop.run(server.start())
+            self.servers[kme] = server
+        return self
+
+    def kme(self, kme_id: str) -> Any:
+        return self.servers[kme_id].kme
+
+    def client(self, sae: str, **kwargs: Any) -> Etsi014Client:
+        kme = self.topology.saes[sae]
+        c = Etsi014Client(f"https://localhost:{self.ports[kme]}", self.pki.sae_files(sae),
+                          **kwargs)
+        self.clients.append(c)
+        return c
+
+    def wait(self, check: Callable[[], bool], timeout_s: float = 15.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what or check}")
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        for server in self.servers.values():
+            self.loop.run(server.stop())
+        self.servers.clear()
         self.loop.close()

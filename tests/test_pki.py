@@ -116,7 +116,8 @@ def test_kme_certificate_always_carries_its_dns_name(tmp_path: Path) -> None:
 def test_private_keys_are_0600(root: Path) -> None:
     keys = sorted(root.rglob("*.key"))
     assert [p.relative_to(root).as_posix() for p in keys] == [
-        "ca.key", "kme/KME_A.key", "kme/KME_B.key", "sae/SAE_1.key", "sae/SAE_2.key"]
+        "admin/operator.key", "ca.key", "kme/KME_A.key", "kme/KME_B.key", "sae/SAE_1.key",
+        "sae/SAE_2.key"]
     for p in keys:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
         check_key_file(p)
@@ -135,7 +136,7 @@ def test_second_run_keeps_everything_and_adds_new_saes(root: Path) -> None:
                       [SaeSpec.parse("SAE_1@KME_A"), SaeSpec.parse("SAE_3@KME_B"),
                        SaeSpec.parse("SAE_4@KME_C")])
     assert report.created == ["KME KME_C", "SAE SAE_3", "SAE SAE_4"]
-    assert report.kept == ["CA", "KME KME_A", "SAE SAE_1"]
+    assert report.kept == ["CA", "KME KME_A", "SAE SAE_1", "operator"]
     after = every_file(root)
     for path, data in before.items():
         if path.name != "directory.yaml":
@@ -155,7 +156,9 @@ def test_second_run_keeps_everything_and_adds_new_saes(root: Path) -> None:
 
 def test_first_run_reports_what_it_created(tmp_path: Path) -> None:
     report = init_pki(tmp_path, [KmeSpec.parse("KME_A")], [SaeSpec.parse("SAE_1@KME_A")])
-    assert report.created == ["CA", "KME KME_A", "SAE SAE_1"] and report.kept == []
+    assert report.created == ["CA", "KME KME_A", "SAE SAE_1", "operator"] and report.kept == []
+    operator = cert(Pki(tmp_path).operator_files().cert)
+    assert operator.subject.rfc4514_string() == "CN=operator,OU=ADMIN,O=qkdgw"
 
 
 def test_sae_of_an_unknown_kme_is_refused(root: Path) -> None:

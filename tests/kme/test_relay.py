@@ -1,0 +1,177 @@
+"""Trusted-node relay across real KMEs (in-process, mutual TLS on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyclient import KMEBadRequest, KMEUnavailable
+from kme.relay import HopAuthError, hop_cost_bytes, seal, unseal
+from kme.topology import Topology
+from tests.harness import KmeNet
+
+# A-B-C-D is the short way (3 hops); A-E-F-G-D the detour (4 hops).
+CHAIN = Topology.model_validate({
+    "name": "chain",
+    "nodes": {k: {} for k in ("KME_A", "KME_B", "KME_C", "KME_D", "KME_E", "KME_F", "KME_G")},
+    "links": [{"a": a, "b": b, "loss_db": 1, "key_rate_bps": 2e6}
+              for a, b in (("KME_A", "KME_B"), ("KME_B", "KME_C"), ("KME_C", "KME_D"),
+                           ("KME_A", "KME_E"), ("KME_E", "KME_F"), ("KME_F", "KME_G"),
+                           ("KME_G", "KME_D"))],
+    "saes": {"SAE_A": "KME_A", "SAE_B": "KME_B", "SAE_D": "KME_D"},
+})
+SHORT = ["KME_A", "KME_B", "KME_C", "KME_D"]
+DETOUR = ["KME_A", "KME_E", "KME_F", "KME_G", "KME_D"]
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Iterator[KmeNet]:
+    n = KmeNet(tmp_path, CHAIN).start()
+    try:
+        a = n.client("SAE_A")
+        n.wait(lambda: a.status("SAE_D").stored_key_count >= 8, what="a relay path with key")
+        yield n
+    finally:
+        n.close()
+
+
+def path_of(net: KmeNet) -> list[str] | None:
+    status = net.clients[0].status("SAE_D")
+    ext = status.status_extension or {}
+    return ext.get("qkdgw_relay", {}).get("path")
+
+
+def relay_bits(net: KmeNet, kme: str, peer: str) -> float:
+    return net.kme(kme).metrics.relay_link_bits.labels(peer=peer)._value.get()
+
+
+def test_relayed_keys_are_identical_at_both_ends(net: KmeNet) -> None:
+    a, d = net.client("SAE_A"), net.client("SAE_D")
+    status = a.status("SAE_D")
+    assert status.target_KME_ID == "KME_D"
+    assert status.status_extension is not None
+    relay = status.status_extension["qkdgw_relay"]
+    assert relay["path"] == SHORT and relay["hops"] == 3
+    assert relay["link_key_bits_per_key"] == 3 * (32 + 32) * 8
+    keys = a.get_keys("SAE_D", 4, 256)
+    got = d.get_keys_with_ids("SAE_A", [k.key_id for k in keys])
+    assert [k.secret.expose() for k in got] == [k.secret.expose() for k in keys]
+    assert len({k.secret.expose() for k in keys}) == 4
+    # Each hop spent the keys plus a 32-byte one-time authenticator key of its link.
+    cost = hop_cost_bytes(4 * 32) * 8
+    assert relay_bits(net, "KME_A", "KME_B") == cost
+    assert relay_bits(net, "KME_B", "KME_C") == cost
+    assert relay_bits(net, "KME_C", "KME_D") == cost
+    assert relay_bits(net, "KME_A", "KME_E") == 0
+    roles = {k: net.kme(k).metrics.relayed_keys for k in ("KME_A", "KME_B", "KME_D")}
+    assert roles["KME_A"].labels(role="origin")._value.get() == 4
+    assert roles["KME_B"].labels(role="transit")._value.get() == 4
+    assert roles["KME_D"].labels(role="destination")._value.get() == 4
+    # Delivered once: a second fetch is refused.
+    with pytest.raises(KMEBadRequest, match="already delivered"):
+        d.get_keys_with_ids("SAE_A", [keys[0].key_id])
+
+
+def test_neighbours_still_share_keys_directly(net: KmeNet) -> None:
+    a, b = net.client("SAE_A"), net.client("SAE_B")
+    direct = a.get_keys("SAE_B", 2)
+    got = b.get_keys_with_ids("SAE_A", [k.key_id for k in direct])
+    assert [k.secret for k in got] == [k.secret for k in direct]
+    assert relay_bits(net, "KME_A", "KME_B") == 0  # the direct link, no relay
+
+
+def test_path_changes_when_a_link_goes_down_and_back(net: KmeNet) -> None:
+    a, d = net.client("SAE_A"), net.client("SAE_D")
+    net.loop.run(net.kme("KME_B").set_link("KME_C", False))
+    assert net.kme("KME_C").links["KME_B"].admin_down  # the far end was told
+    net.wait(lambda: path_of(net) == DETOUR, what="the relay path to avoid B-C")
+    keys = a.get_keys("SAE_D", 2)
+    assert [k.secret.expose() for k in d.get_keys_with_ids("SAE_A", [k.key_id for k in keys])] == \
+        [k.secret.expose() for k in keys]
+    assert relay_bits(net, "KME_G", "KME_D") > 0
+    net.loop.run(net.kme("KME_C").set_link("KME_B", True))
+    net.wait(lambda: path_of(net) == SHORT, what="the short path to come back")
+
+
+def test_a_hop_failing_mid_relay_is_routed_around(net: KmeNet) -> None:
+    """KME_C dies; before the news spreads, the master's KME learns it from the failed hop."""
+    a, d = net.client("SAE_A"), net.client("SAE_D")
+    stored = a.get_keys("SAE_D", 1)  # a key waiting at KME_D when C goes
+    net.loop.run(net.servers.pop("KME_C").stop())
+    keys = a.get_keys("SAE_D", 1)
+    assert relay_bits(net, "KME_G", "KME_D") > 0
+    got = d.get_keys_with_ids("SAE_A", [stored[0].key_id, keys[0].key_id])
+    assert [k.secret.expose() for k in got] == [stored[0].secret.expose(), keys[0].secret.expose()]
+
+
+def test_no_path_is_a_clear_503_and_loses_no_stored_key(net: KmeNet) -> None:
+    a, d = net.client("SAE_A", retries=0), net.client("SAE_D")
+    stored = a.get_keys("SAE_D", 2)
+    for x, y in (("KME_A", "KME_B"), ("KME_A", "KME_E")):
+        net.loop.run(net.kme(x).set_link(y, False))
+    net.wait(lambda: path_of(net) is None, what="no path left")
+    assert a.status("SAE_D").stored_key_count == 0
+    with pytest.raises(KMEUnavailable) as err:
+        a.get_keys("SAE_D", 1)
+    assert err.value.status == 503
+    assert "KME_D" in err.value.message and "no path" in err.value.message
+    got = d.get_keys_with_ids("SAE_A", [k.key_id for k in stored])
+    assert [k.secret.expose() for k in got] == [k.secret.expose() for k in stored]
+
+
+def test_stored_link_key_stays_usable_on_a_link_that_is_down(net: KmeNet) -> None:
+    a, b = net.client("SAE_A"), net.client("SAE_B")
+    kme_a = net.kme("KME_A")
+    net.loop.run(kme_a.set_link("KME_B", False))
+    before = kme_a.links["KME_B"].available_bytes()
+    assert before > 64
+    keys = a.get_keys("SAE_B", 1)
+    assert b.get_keys_with_ids("SAE_A", [keys[0].key_id])[0].secret == keys[0].secret
+    net.loop.run(asyncio.sleep(0.3))
+    # no new key accrues on a cut link
+    assert kme_a.links["KME_B"].available_bytes() == before - 32
+
+
+# -- the hop cipher ----------------------------------------------------------------------
+
+def test_hop_seal_round_trip_and_tamper() -> None:
+    pad = bytes(range(32)) + bytes(range(100, 164))
+    header = json.dumps({"hop": 1}).encode()
+    payload = b"k" * 64
+    ct, tag = seal(pad, header, payload)
+    assert ct != payload and len(tag) == 16
+    assert unseal(pad, header, ct, tag) == payload
+    flipped = bytes([ct[0] ^ 1]) + ct[1:]
+    for args in ((pad, header, flipped, tag), (pad, b'{"hop": 2}', ct, tag),
+                 (pad, header, ct, bytes(16)), (bytes(len(pad)), header, ct, tag),
+                 (pad[:-1], header, ct[:-1], tag)):
+        with pytest.raises(HopAuthError):
+            unseal(*args)
+    with pytest.raises(ValueError):
+        seal(pad[:-1], header, payload)
+
+
+def test_forged_and_replayed_relay_messages_are_refused(net: KmeNet) -> None:
+    """A relay message is only accepted once, from the previous hop, with a valid tag."""
+    kme_b = net.kme("KME_B")
+    body = {"header": base64.b64encode(json.dumps({
+        "path": SHORT, "hop": 1, "hop_key_ID": "00000000-0000-0000-0000-000000000000",
+        "master": "SAE_A", "slaves": ["SAE_D"], "keys": [{"key_ID": "x", "length": 4}],
+    }).encode()).decode(), "ct": base64.b64encode(b"abcd").decode(),
+        "tag": base64.b64encode(bytes(16)).decode()}
+    from kme.errors import ApiError
+
+    with pytest.raises(ApiError) as err:  # no such hop key: never reserved, or used already
+        net.loop.run(kme_b.relay.receive("KME_A", body))
+    assert err.value.status == 400 and "unknown key_ID" in err.value.message
+    with pytest.raises(ApiError) as err:  # not the previous hop on the path
+        net.loop.run(kme_b.relay.receive("KME_C", body))
+    assert "not for this hop" in err.value.message
+    with pytest.raises(ApiError) as err:
+        net.loop.run(kme_b.relay.receive("KME_A", {"header": "!!"}))
+    assert "malformed" in err.value.message
