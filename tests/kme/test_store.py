@@ -273,8 +273,8 @@ def test_drop_key(store: Store) -> None:
 
 def test_relayed_keys_are_not_dropped_by_a_link(store: Store) -> None:
     with store.tx():
-        store.add_key("k1", "relay:KME_X", "SAE_1", -1, 32, b"x" * 32, ["SAE_2"])
-    assert store.drop_key("k1", "relay:KME_X") is None
+        store.add_key("k1", "#relay:KME_X", "SAE_1", -1, 32, b"x" * 32, ["SAE_2"])
+    assert store.drop_key("k1", "#relay:KME_X") is None
     assert store.key_record("k1") == ("SAE_1", b"x" * 32)
 
 
