@@ -9,6 +9,7 @@ import pytest
 
 from qgw.pki import Pki
 from tests.harness import KmePair, make_pki
+from tests.netlab import Lab
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +36,18 @@ def kmes(tmp_path: Path, pki: Pki) -> Iterator[KmePair]:
 def needs_root() -> None:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.fail("this test needs root and iproute2 (CI provides both: .ci/run)")
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    needs_root()
+    lab = Lab(tmp_path)
+    try:
+        yield lab
+    finally:
+        errors = lab.cleanup()
+        leftover = [ns for ns in (*lab.namespaces.values(), lab.bridge_ns)
+                    if ns and (Path("/run/netns") / ns).exists()]
+        assert not errors and not leftover, f"cleanup: {errors} {leftover}"
+
+
