@@ -58,6 +58,12 @@ def load_compose() -> dict[str, Any]:
     return data
 
 
+def services_of(profile: str | None = None) -> dict[str, Any]:
+    """What `docker compose [--profile P] up` starts: unprofiled services, plus P's."""
+    return {name: svc for name, svc in load_compose()["services"].items()
+            if not svc.get("profiles") or profile in svc["profiles"]}
+
+
 def image_entrypoint() -> list[str]:
     """ENTRYPOINT of the Dockerfile (exec form)."""
     match = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", DOCKERFILE.read_text(), re.MULTILINE)
@@ -164,7 +170,7 @@ class Mounts:
 
 def test_compose_structure() -> None:
     compose = load_compose()
-    services = compose["services"]
+    services = services_of()
     assert {"pki", "kme-a", "kme-b", "keysmoke"} <= set(services)
     assert "state" in compose.get("volumes", {})
     for name, svc in services.items():
@@ -198,6 +204,8 @@ def test_compose_structure() -> None:
     assert depends_on(smoke) == {"kme-a": "service_healthy", "kme-b": "service_healthy"}
     assert service_argv(smoke)[:3] == ["python", "-m", "apps.keysmoke"]
     assert start_order(services).index("keysmoke") == len(services) - 1
+    for svc in compose["services"].values():
+        assert svc.get("image") == services["pki"]["image"], "one image for every service"
 
     dockerfile = DOCKERFILE.read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.MULTILINE)
@@ -211,7 +219,26 @@ def _qgw_help(args: list[str]) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("service", ["pki", "kme-a", "kme-b", "keysmoke"])
+def test_madrid_profile_runs_each_node_in_its_own_container() -> None:
+    from kme.topology import load_topology
+
+    madrid = load_topology("madrid")
+    services = services_of("madrid")
+    nodes = {kme_dns_name(k): k for k in madrid.nodes}
+    assert set(services) == set(services_of()) | set(nodes) | {"madrid-prepare", "madrid-smoke"}
+    assert service_argv(services["madrid-prepare"]) == [
+        "qgw", "kme", "prepare", "--topology", "madrid", "--dns", "--state", "/state/madrid"]
+    for name, kme in nodes.items():
+        svc = services[name]
+        assert service_argv(svc) == ["qgw", "kme", "up", "--topology", "madrid", "--node", kme,
+                                     "--dns", "--state", "/state/madrid"]
+        assert depends_on(svc) == {"madrid-prepare": "service_completed_successfully"}
+        assert ":9443/health" in " ".join(svc["healthcheck"]["test"])
+    assert depends_on(services["madrid-smoke"]) == dict.fromkeys(nodes, "service_healthy")
+
+
+@pytest.mark.parametrize("service", ["pki", "kme-a", "kme-b", "keysmoke", "madrid-prepare",
+                                     "kme-norte", "madrid-smoke"])
 def test_service_command_parses(service: str) -> None:
     """Each service's argv is accepted by the real CLI (instead of `docker compose config`).
 
@@ -227,7 +254,7 @@ def test_service_command_parses(service: str) -> None:
     else:
         assert argv[:3] == ["python", "-m", "apps.keysmoke"]
         opts = keysmoke.parse_args(argv[3:])  # argparse exits 2 on any bad argument
-        assert (opts.master, opts.slave) == ("SAE_1", "SAE_2")
+        assert (opts.master, opts.slave) in (("SAE_1", "SAE_2"), ("SAE_ALMAGRO", "SAE_UAM"))
         result = subprocess.run([sys.executable, "-m", "apps.keysmoke", "--help"], cwd=REPO,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "--master-kme" in result.stdout
@@ -269,13 +296,11 @@ def wait_healthy(lab: Lab, service: str, svc: dict[str, Any], timeout_s: float) 
         time.sleep(0.2)
 
 
-@pytest.mark.netns
-@pytest.mark.timeout(120)
-def test_compose_runs_in_namespaces(lab: Lab) -> None:
-    started = time.monotonic()
-    services = load_compose()["services"]
+def run_in_namespaces(lab: Lab, profile: str | None, smoke: str) -> dict[str, Path]:
+    """Start a profile's services in dependency order; wait for `smoke` to exit 0."""
+    services = services_of(profile)
     order = start_order(services)
-    assert order[-1] == "keysmoke"
+    assert order[-1] == smoke
     named = {name: lab.tmp / "volumes" / name for name in load_compose().get("volumes", {})}
     for path in named.values():
         path.mkdir(parents=True)
@@ -288,7 +313,7 @@ def test_compose_runs_in_namespaces(lab: Lab) -> None:
                 code = wait_exit(lab, dep, 30)
                 assert code == 0, f"{dep} exited with code {code}:\n{lab.tail(dep)}"
             elif condition == "service_healthy":
-                wait_healthy(lab, dep, services[dep], 30)
+                wait_healthy(lab, dep, services[dep], 60)
         mounts = Mounts.of(svc, named)
         argv = service_argv(svc)
         env = {k: v for k, v in os.environ.items() if not k.startswith("QGW_")}
@@ -297,14 +322,31 @@ def test_compose_runs_in_namespaces(lab: Lab) -> None:
         env["PYTHONUNBUFFERED"] = "1"
         lab.start(service, host_argv([mounts.path(a) for a in argv]), env)
 
-    code = wait_exit(lab, "keysmoke", 45)
-    out = lab.tail("keysmoke")
-    assert code == 0, f"keysmoke exited with code {code}:\n{out}"
+    code = wait_exit(lab, smoke, 90)
+    out = lab.tail(smoke)
+    assert code == 0, f"{smoke} exited with code {code}:\n{out}"
     assert re.search(r"OK: 8/8 keys matched", out), out
     assert len(re.findall(r"key_ID [0-9a-f-]{36}", out)) == 8, out
+    return named
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_compose_runs_in_namespaces(lab: Lab) -> None:
+    started = time.monotonic()
+    named = run_in_namespaces(lab, None, "keysmoke")
     # The KMEs saw each other through the service names and stored into the volume.
     assert (named["state"] / "store" / "KME_A.sqlite").exists()
     assert (named["state"] / "pki" / "sae" / "SAE_2.pem").exists()
     for kme in KMES:
         assert lab.procs[kme].poll() is None, f"{kme} died:\n{lab.tail(kme)}"
     print(f"compose in namespaces: {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(240)
+def test_madrid_profile_runs_in_namespaces(lab: Lab) -> None:
+    """13 KME containers of the Madrid network; keys relayed Almagro -> UAM over 5 hops."""
+    named = run_in_namespaces(lab, "madrid", "madrid-smoke")
+    assert len(list((named["state"] / "madrid" / "store").glob("*.sqlite"))) == 13
+    assert "link KME_ALMAGRO -> KME_UAM" in lab.tail("madrid-smoke")
