@@ -1,12 +1,17 @@
 """Errors of the key client, translated from requests/ssl/socket errors in one place
-(`Etsi014Client._call`). Messages carry what the KME said, never key bytes.
+(`Etsi014Client._call`, `Etsi004Client._call`). Messages carry what the KME said,
+never key bytes.
 
     KeySupplyError               no usable key could be obtained
      +-- KMEError                the KME answered with an error, or could not be reached
      |    +-- KMEBadRequest      400: the request was malformed, or a key_ID unknown
+     |    |    +-- KeyStreamRefused      ETSI 004 status 5, 7, 8: asked for what cannot be
+     |    |                              (KSID in use, QoS not met, Metadata too small)
      |    +-- KMEUnauthorized    401: this SAE may not have these keys
      |    +-- KMEUnavailable     503: no key on the link right now, or the peer KME is down
      |    |    +-- KMEUnreachable    no HTTP answer at all (connection, TLS, timeout)
+     |    |    +-- KeyStreamUnavailable  ETSI 004 status 2, 3, 4, 6: no chunk now
+     |    +-- KeyStreamError     base of the two ETSI 004 ones: `code` is the 004 status
      +-- KeyExhausted            a KeySession has no key left and its policy forbids going on
      +-- PeerError               the gateway's peer did not complete key agreement
 """
@@ -48,6 +53,30 @@ class KeyExhausted(KeySupplyError):
 
 
 class PeerError(KeySupplyError):
+    pass
+
+
+class KeyStreamError(KMEError):
+    """An ETSI 004 call answered (HTTP 200) with a status other than success.
+
+    `code` is the 004 status (an int, `keyclient.etsi004.StreamStatus`), `qos` the
+    KME's counter-proposal (status 7), `metadata_size` the size needed (status 8).
+    """
+
+    def __init__(self, code: int, message: str, url: str = "", *,
+                 qos: dict[str, object] | None = None,
+                 metadata_size: int | None = None) -> None:
+        self.code = code
+        self.qos = qos
+        self.metadata_size = metadata_size
+        super().__init__(200, f"ETSI 004 status {code}: {message}", url)
+
+
+class KeyStreamRefused(KeyStreamError, KMEBadRequest):
+    pass
+
+
+class KeyStreamUnavailable(KeyStreamError, KMEUnavailable):
     pass
 
 

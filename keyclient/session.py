@@ -34,9 +34,9 @@ from enum import StrEnum
 from typing import Any
 
 from keyclient.control import ChannelDown, ControlChannel, Message
-from keyclient.etsi014 import Etsi014Client
 from keyclient.installer import KeyInstaller, SessionKey
 from keyclient.policy import KeySource, SessionPolicy
+from keyclient.supply import KeySupply
 
 log = logging.getLogger("qgw.keyclient.session")
 
@@ -85,7 +85,7 @@ StatusListener = Callable[[SessionStatus], None]
 class KeySession:
     """One side (`role`) of a gateway pair's key agreement."""
 
-    def __init__(self, role: Role | str, *, kme: Etsi014Client | None, local_sae: str,
+    def __init__(self, role: Role | str, *, kme: KeySupply | None, local_sae: str,
                  peer_sae: str, channel: ControlChannel, installer: KeyInstaller,
                  policy: SessionPolicy | None = None,
                  clock: Callable[[], float] = time.monotonic,

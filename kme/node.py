@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -192,6 +193,22 @@ class Kme:
                 for kid, material in keys:
                     self.store.add_key(kid, LOCAL_COPY, master, -1, length, material, [master])
         return keys
+
+    def reach(self, target: str) -> tuple[bool, float | None]:
+        """Can keys be shared with KME `target` now (directly or relayed), at what key rate.
+
+        The rate of a relayed way is that of its slowest link; unknown rates are None.
+        """
+        link = self.links.get(target)
+        if link is not None and link.up:
+            return True, link.rate_bps
+        try:
+            path = self.path_to(target, 8)
+        except NoPath:
+            return False, None
+        rates = [self.routes.rate_bps(a, b) for a, b in itertools.pairwise(path)]
+        known = [r for r in rates if r is not None]
+        return True, min(known) if len(known) == len(rates) else None
 
     def path_to(self, target: str, need_bits: int,
                 avoid: frozenset[tuple[str, str]] = frozenset()) -> list[str]:

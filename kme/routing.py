@@ -157,6 +157,15 @@ class LinkStateDb:
             hops.append(prev[hops[-1]])
         return hops[::-1]
 
+    def rate_bps(self, a: str, b: str) -> float | None:
+        """Modelled key rate of link a-b as either end advertises it."""
+        for x, y in ((a, b), (b, a)):
+            ad = self.adverts.get(x)
+            link = ad.links.get(y) if ad is not None else None
+            if link is not None and link.rate_bps is not None:
+                return link.rate_bps
+        return None
+
     def bottleneck_bits(self, path: list[str]) -> int:
         edges = self.edges()
         return min((edges.get((a, b), 0) for a, b in itertools.pairwise(path)),

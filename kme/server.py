@@ -59,7 +59,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = _json(exc.body(), exc.status)
     except web.HTTPException as exc:
         message = {
-            404: "no such resource; ETSI GS QKD 014 paths are /api/v1/keys/{SAE_ID}/...",
+            404: "no such resource; the KME serves ETSI GS QKD 014 under /api/v1/keys/, "
+                 "ETSI GS QKD 004 under /api/v2/004/, SKIP at /capabilities, /key and "
+                 "/entropy (see /api/v1/openapi.json)",
             405: f"method {request.method} not allowed here",
             413: f"request body larger than {MAX_BODY} bytes",
         }.get(exc.status, exc.reason)

@@ -175,3 +175,24 @@ def test_forged_and_replayed_relay_messages_are_refused(net: KmeNet) -> None:
     with pytest.raises(ApiError) as err:
         net.loop.run(kme_b.relay.receive("KME_A", {"header": "!!"}))
     assert "malformed" in err.value.message
+
+
+def test_etsi004_stream_across_three_hops(net: KmeNet) -> None:
+    """A key stream between SAEs whose KMEs share no link: chunks come by relay."""
+    from keyclient import Etsi004Client
+
+    src = Etsi004Client(f"https://localhost:{net.ports['KME_A']}", net.pki.sae_files("SAE_A"))
+    dst = Etsi004Client(f"https://localhost:{net.ports['KME_D']}", net.pki.sae_files("SAE_D"))
+    try:
+        opened = src.open_connect("SAE_A", "SAE_D")
+        dst.open_connect("SAE_A", "SAE_D", key_stream_id=opened.key_stream_id)
+        for index in range(3):
+            a = src.get_key(opened.key_stream_id, index)
+            d = dst.get_key(opened.key_stream_id, index)
+            assert a.index == d.index == index and a.secret == d.secret
+        assert net.kme("KME_B").metrics.relayed_keys.labels(role="transit")._value.get() >= 3
+        src.close_stream(opened.key_stream_id)
+        dst.close_stream(opened.key_stream_id)
+    finally:
+        src.close()
+        dst.close()
