@@ -83,13 +83,22 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field, fields
-from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from kme.errors import ApiError
-from kme.wire014 import UUID_RE, parse_json_body
+from kme.wire004 import (
+    UINT32_MAX,
+    Outcome,
+    Qos,
+    Status,
+    chunk_id,
+    key_stream_id,
+    sae_id,
+    uint32,
+)
+from kme.wire014 import parse_json_body
 from qgw.tls import Identity, peer_identity
 
 if TYPE_CHECKING:
@@ -98,7 +107,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("qgw.kme.api004")
 
 PREFIX = "/api/v2/004"
-UINT32_MAX = 2**32 - 1
 PREFETCH = 4                  # chunks made ahead of the source's reads
 MAX_TIMEOUT_MS = 30_000       # a GET_KEY holds an HTTP request open at most this long
 DEFAULT_TIMEOUT_MS = 1_000
@@ -107,95 +115,6 @@ POLL_S = 0.02                 # how often a waiting consumer looks for its chunk
 RETRY_S = 0.2                 # producer: wait after "no key" before trying again
 RETIRED_KEEP_S = 86_400.0
 MIMETYPE = "application/json"
-
-
-class Status(IntEnum):
-    """ETSI GS QKD 004 V2.1.1 status codes (clause 6, table of status values)."""
-
-    SUCCESSFUL = 0                  # Successful
-    PEER_NOT_CONNECTED = 1          # Successful connection, but peer not connected
-    GET_KEY_INSUFFICIENT_KEY = 2    # GET_KEY failed because insufficient key available
-    GET_KEY_PEER_NOT_CONNECTED = 3  # GET_KEY failed because peer application is not connected
-    NO_QKD_CONNECTION = 4           # No QKD connection available
-    KSID_IN_USE = 5                 # OPEN_CONNECT failed because the KSID is already in use
-    TIMEOUT_ERROR = 6               # The call failed because of the specified Timeout
-    QOS_NOT_MET = 7                 # OPEN failed: QoS not met, counter-proposal returned
-    METADATA_SIZE_INSUFFICIENT = 8  # GET_KEY failed: Metadata field size insufficient
-
-
-class Outcome(Exception):
-    """A 004 call ends with a non-zero status (an answer, not an error)."""
-
-    def __init__(self, status: Status, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.extra = extra
-
-    def body(self) -> dict[str, Any]:
-        return {"status": int(self.status), "message": self.message, **self.extra}
-
-
-@dataclass(frozen=True)
-class Qos:
-    """The spec's QoS structure; None is a field the request left to the KME."""
-
-    Key_chunk_size: int | None = None
-    Max_bps: int | None = None
-    Min_bps: int | None = None
-    Jitter: int | None = None
-    Priority: int | None = None
-    Timeout: int | None = None
-    TTL: int | None = None
-    Metadata_mimetype: str | None = None
-
-    @classmethod
-    def from_json(cls, data: object) -> Qos:
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise ApiError.bad_request("QoS must be an object", parameter="QoS")
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            value = data.get(f.name)
-            if value is None:
-                continue
-            if f.name == "Metadata_mimetype":
-                if not isinstance(value, str) or len(value) > 256:
-                    raise ApiError.bad_request("QoS.Metadata_mimetype must be a string",
-                                               parameter="QoS.Metadata_mimetype")
-            else:
-                _uint32(value, f"QoS.{f.name}")
-            values[f.name] = value
-        return cls(**values)
-
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def _uint32(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= UINT32_MAX:
-        raise ApiError.bad_request(f"{name} must be an integer from 0 to {UINT32_MAX}",
-                                   parameter=name)
-    return value
-
-
-def _ksid(value: object) -> str:
-    if not isinstance(value, str) or not UUID_RE.fullmatch(value.lower()):
-        raise ApiError.bad_request("Key_stream_ID must be a UUID (8-4-4-4-12 hex digits)",
-                                   parameter="Key_stream_ID")
-    return value.lower()
-
-
-def _sae(value: object, name: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ApiError.bad_request(f"{name} must be an SAE ID", parameter=name)
-    return value
-
-
-def chunk_id(ksid: str, index: int) -> str:
-    """key_ID of chunk `index` of stream `ksid`, the same at both KMEs."""
-    return str(uuid.uuid5(uuid.UUID(ksid), str(index)))
 
 
 class IndexSet:
@@ -276,12 +195,12 @@ class StreamRegistry:
     # -- OPEN_CONNECT ----------------------------------------------------------
 
     async def open_connect(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
-        sae = self.kme._local_sae(caller)
-        source = _sae(body.get("source"), "source")
-        destination = _sae(body.get("destination"), "destination")
+        sae = self.kme.local_sae(caller)
+        source = sae_id(body.get("source"), "source")
+        destination = sae_id(body.get("destination"), "destination")
         qos = Qos.from_json(body.get("QoS"))
         raw_ksid = body.get("Key_stream_ID")
-        ksid = _ksid(raw_ksid) if raw_ksid is not None else None
+        ksid = key_stream_id(raw_ksid) if raw_ksid is not None else None
         if sae not in (source, destination):
             raise ApiError.unauthorized(
                 f"SAE {sae} may open streams only with itself as source or destination")
@@ -289,7 +208,7 @@ class StreamRegistry:
             raise ApiError.bad_request("source and destination must be different SAEs")
         producer = sae == source
         peer_sae = destination if producer else source
-        peer_kme = self.kme._known_sae(peer_sae, "destination" if producer else "source")
+        peer_kme = self.kme.known_sae(peer_sae, "destination" if producer else "source")
         if ksid is None and not producer:
             raise ApiError.bad_request(
                 "the destination must give the Key_stream_ID the source's OPEN_CONNECT returned",
@@ -356,7 +275,7 @@ class StreamRegistry:
     async def get_key(self, caller: Identity | None, body: dict[str, Any]) -> dict[str, Any]:
         stream = self._stream_of(caller, body)
         raw_index = body.get("index")
-        index = self._next_index(stream) if raw_index is None else _uint32(raw_index, "index")
+        index = self._next_index(stream) if raw_index is None else uint32(raw_index, "index")
         if index > UINT32_MAX:
             raise Outcome(Status.GET_KEY_INSUFFICIENT_KEY, "the stream has no index left")
         metadata = stream.metadata(index)
@@ -402,7 +321,7 @@ class StreamRegistry:
             raise ApiError.bad_request("Metadata must be an object with Metadata_size",
                                        parameter="Metadata")
         size = value.get("Metadata_size")
-        return None if size is None else _uint32(size, "Metadata.Metadata_size")
+        return None if size is None else uint32(size, "Metadata.Metadata_size")
 
     async def _take_produced(self, stream: Stream, index: int, deadline: float) -> bytes:
         async with stream.lock:
@@ -579,8 +498,8 @@ class StreamRegistry:
         return True
 
     def _stream_of(self, caller: Identity | None, body: dict[str, Any]) -> Stream:
-        sae = self.kme._local_sae(caller)
-        ksid = _ksid(body.get("Key_stream_ID"))
+        sae = self.kme.local_sae(caller)
+        ksid = key_stream_id(body.get("Key_stream_ID"))
         self.expire()
         stream = self.streams.get(ksid)
         if stream is None:

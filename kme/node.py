@@ -82,14 +82,14 @@ class Kme:
 
     # -- who is who --------------------------------------------------------------
 
-    def _local_sae(self, caller: Identity | None) -> str:
+    def local_sae(self, caller: Identity | None) -> str:
         if caller is None or caller.role != ROLE_SAE:
             raise ApiError.unauthorized("the client certificate does not identify an SAE")
         if self.cfg.saes.get(caller.name) != self.kme_id:
             raise ApiError.unauthorized(f"SAE {caller.name} is not attached to KME {self.kme_id}")
         return caller.name
 
-    def _known_sae(self, sae: str, role: str) -> str:
+    def known_sae(self, sae: str, role: str) -> str:
         kme = self.cfg.saes.get(sae)
         if kme is None:
             raise ApiError.bad_request(f"unknown {role} SAE ID {sae!r}", parameter=role)
@@ -101,7 +101,7 @@ class Kme:
         for slave in slaves:
             if slave == master:
                 raise ApiError.bad_request("the slave SAE must differ from the master SAE")
-            kme = self._known_sae(slave, "slave")
+            kme = self.known_sae(slave, "slave")
             if kme == self.kme_id:
                 raise ApiError.bad_request(
                     f"SAE {slave} is attached to this KME too; keys are shared only over a "
@@ -120,7 +120,7 @@ class Kme:
     # -- ETSI GS QKD 014 ---------------------------------------------------------
 
     def status(self, caller: Identity | None, slave: str) -> dict[str, Any]:
-        master = self._local_sae(caller)
+        master = self.local_sae(caller)
         target = self._target_kme(master, [slave])
         key_bytes = self.limits.key_size // 8
         link = self.links.get(target)
@@ -157,7 +157,7 @@ class Kme:
 
     async def enc_keys(self, caller: Identity | None, slave: str,
                        req: KeyRequest) -> list[tuple[str, bytes]]:
-        master = self._local_sae(caller)
+        master = self.local_sae(caller)
         slaves = [slave, *req.additional_slave_SAE_IDs]
         if len(set(slaves)) != len(slaves):
             raise ApiError.bad_request("additional_slave_SAE_IDs repeats the slave SAE",
@@ -286,8 +286,8 @@ class Kme:
 
     def dec_keys(self, caller: Identity | None, master: str,
                  key_ids: list[str]) -> list[tuple[str, bytes]]:
-        slave = self._local_sae(caller)
-        self._known_sae(master, "master")
+        slave = self.local_sae(caller)
+        self.known_sae(master, "master")
         if master == slave:
             raise ApiError.bad_request("the master SAE must differ from the slave SAE")
         with self.store.tx():

@@ -134,7 +134,7 @@ def _context(request: web.Request) -> tuple[Kme, str]:
     from kme import server  # kme.server imports this module to register the routes
 
     kme = request.app[server.KME_KEY]
-    return kme, kme._local_sae(server._caller(request))
+    return kme, kme.local_sae(server._caller(request))
 
 
 def _param(query: MultiMapping[str], name: str) -> str | None:

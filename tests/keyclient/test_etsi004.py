@@ -27,7 +27,7 @@ from keyclient import (
 from keyclient.control import LoopbackChannel
 from keyclient.policy import KeySource, SessionPolicy
 from keyclient.session import KeySession, SessionState
-from kme.api004 import Status
+from kme.wire004 import Status
 from tests.harness import SAES, KmePair, free_port
 from tests.keyclient.test_session import FakeClock, Pair, Recorder
 

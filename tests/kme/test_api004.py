@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import urllib3
 
-from kme.api004 import Status, chunk_id
+from kme.wire004 import Status, chunk_id
 from qgw.pki import Pki
 from qgw.tls import client_context
 from tests.harness import SAES, KmePair
