@@ -196,3 +196,24 @@ def test_etsi004_stream_across_three_hops(net: KmeNet) -> None:
     finally:
         src.close()
         dst.close()
+
+
+def test_metrics_show_relay_and_served_pairs(net: KmeNet) -> None:
+    import urllib.request
+
+    a, d = net.client("SAE_A"), net.client("SAE_D")
+    keys = a.get_keys("SAE_D", 2)
+    d.get_keys_with_ids("SAE_A", [k.key_id for k in keys])
+    text = {}
+    for kme in ("KME_A", "KME_D"):
+        url = f"http://127.0.0.1:{net.metrics_ports[kme]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text[kme] = r.read().decode()
+    assert 'qgw_kme_keys_served_total{master="SAE_A",slave="SAE_D"} 2.0' in text["KME_A"]
+    assert 'qgw_kme_keys_served_total{master="SAE_A",slave="SAE_D"} 2.0' in text["KME_D"]
+    assert "qgw_kme_relay_hops_bucket{le=\"3.0\"} 1.0" in text["KME_A"]
+    assert 'qgw_kme_relay_link_key_bits_total{peer="KME_B"} 768.0' in text["KME_A"]
+    assert "qgw_kme_link_rate_bps" in text["KME_A"] and "qgw_kme_request_seconds" in text["KME_A"]
+    assert 'code="200"' in text["KME_A"]
+    for material in (k.secret.expose().hex() for k in keys):
+        assert material not in text["KME_A"] and material not in text["KME_D"]
