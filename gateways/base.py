@@ -2,8 +2,9 @@
 
 A gateway is a folder `gateways/<name>/` with `config.py` (a pydantic model),
 `gateway.py` (a `Gateway` subclass) and its data plane. It gets keys only from
-a `KeySession` and implements `KeyInstaller` for its data plane; both ends of
-a pair run the same class with a `role`.
+`KeySession`s and gives each session a `KeyInstaller` for its data plane (one
+per gateway pair: a control centre keys many substations); both ends of a pair
+run the same class with a `role`.
 
     created -> starting -> running <-> degraded -> stopping -> stopped
                                    \\-> failed-closed (no usable key: traffic dropped)
@@ -22,13 +23,14 @@ from enum import StrEnum
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
-from keyclient.installer import SessionKey
 from qgw.errors import QgwError
 
 ENTRY_POINT_GROUP = "qkdgw.gateways"
 
 # name -> "module:Class"; filled as gateways land (ipsec, scada, webrtc, ledger, opot).
-BUILTIN: dict[str, str] = {}
+BUILTIN: dict[str, str] = {
+    "scada": "gateways.scada.gateway:ScadaGateway",
+}
 
 
 class GatewayState(StrEnum):
@@ -42,7 +44,7 @@ class GatewayState(StrEnum):
 
 
 class Gateway(abc.ABC):
-    """Base of every gateway: start, stop, stats, plus the KeyInstaller calls."""
+    """Base of every gateway: start, stop, stats."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -62,18 +64,6 @@ class Gateway(abc.ABC):
     def stats(self) -> dict[str, Any]:
         """Counters and state for status output and metrics; never key material."""
 
-    # KeyInstaller: implemented by each gateway's data plane.
-    @abc.abstractmethod
-    def install(self, epoch: int, key: SessionKey) -> None: ...
-
-    @abc.abstractmethod
-    def activate(self, epoch: int) -> None: ...
-
-    @abc.abstractmethod
-    def retire(self, epoch: int) -> None: ...
-
-    @abc.abstractmethod
-    def invalidate(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)

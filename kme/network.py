@@ -75,7 +75,9 @@ def prepare(state: Path, spec: NetworkSpec, base_port: int = 8443,
     if only is not None and only not in spec.kmes:
         raise QgwError(f"{only} is not a node of network {spec.name!r}; its nodes: "
                        f"{', '.join(spec.kmes)}")
-    init_pki(state / "pki", [KmeSpec.parse(k) for k in spec.kmes],
+    names = hosts or {}
+    init_pki(state / "pki", [KmeSpec.parse(f"{k}={names[k]}" if k in names else k)
+                             for k in spec.kmes],
              [SaeSpec(s, k) for s, k in spec.saes.items()])
     pki = Pki(state / "pki")
     spread = hosts is not None

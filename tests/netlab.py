@@ -72,12 +72,20 @@ class Lab:
             (NETNS_ETC / ns).mkdir()
             (NETNS_ETC / ns / "hosts").write_text(hosts)
 
-    def start(self, service: str, argv: list[str], env: dict[str, str]) -> None:
+    def start(self, service: str, argv: list[str], env: dict[str, str] | None,
+              ns_of: str | None = None) -> None:
+        """Start a process named `service` in its namespace (or in `ns_of`'s)."""
         self.logs(service).parent.mkdir(parents=True, exist_ok=True)
-        with self.logs(service).open("wb") as log:
+        with self.logs(service).open("ab") as log:
             self.procs[service] = subprocess.Popen(
-                ["ip", "netns", "exec", self.namespaces[service], *argv], cwd=REPO,
+                ["ip", "netns", "exec", self.namespaces[ns_of or service], *argv], cwd=REPO,
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self, service: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(service)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait(timeout=10)
 
     def run(self, service: str, argv: list[str], timeout_s: float) -> int:
         try:

@@ -106,9 +106,9 @@ def test_keys_with_kme_down_or_no_identity(pki: object, tmp_path: Path) -> None:
     assert who.exit_code == 1 and "--sae" in who.output
 
 
-def test_gateway_list_has_no_gateways_yet() -> None:
+def test_gateway_list_names_the_scada_gateway() -> None:
     result = runner.invoke(app, ["gateway", "list"])
-    assert result.exit_code == 0 and "No gateways" in result.output
+    assert result.exit_code == 0 and "scada: QKD-keyed tunnel for Modbus/TCP" in result.output
 
 
 def _port_open(port: int) -> bool:

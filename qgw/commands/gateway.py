@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 from gateways.base import registry
-from qgw.commands.common import console
+from qgw import logs
+from qgw.commands.common import console, friendly_errors
 
 app = typer.Typer(help="Run a QKD-keyed gateway.", no_args_is_help=True)
 
@@ -17,4 +23,47 @@ def list_gateways() -> None:
     if not found:
         console.print("No gateways are installed yet.")
     for name, entry in sorted(found.items()):
-        console.print(f"{name}: {entry.summary}")
+        cls = entry.load()
+        console.print(f"{name}: {cls.summary} ({entry.summary})")
+
+
+@app.command("scada")
+def scada(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Gateway config (YAML); "
+                                         "see gateways/scada/config.py.")],
+    status_every: Annotated[float, typer.Option(
+        help="Print the pairs' state every N seconds (0: never).")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """QKD-keyed Modbus/TCP tunnel: a control centre and its substations (needs NET_ADMIN)."""
+    from gateways.scada.config import load
+    from gateways.scada.gateway import ScadaGateway
+
+    logs.setup(log_level)
+    with friendly_errors():
+        gw = ScadaGateway(load(config))
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        gw.open()
+        try:
+            while not stop.wait(status_every or None):
+                console.print(_status_line(gw.stats()), highlight=False, soft_wrap=True)
+        finally:
+            gw.close()
+            console.print(f"stopped; {_status_line(gw.stats())}", highlight=False,
+                          soft_wrap=True)
+
+
+def _status_line(stats: dict[str, object]) -> str:
+    pairs = stats.get("pairs", {})
+    assert isinstance(pairs, dict)
+    parts = [f"pair {p}: epoch {s['epoch']} ({s['key_source'] or 'no key'}) rekeys {s['rekeys']}"
+             + (f" FAIL-CLOSED: {s['fail_closed']}" if s["fail_closed"] and s["epoch"] is None
+                else "")
+             for p, s in pairs.items()]
+    traffic = stats.get("traffic", {})
+    assert isinstance(traffic, dict)
+    return (f"[{stats.get('state')}] " + "; ".join(parts)
+            + f"; sent {traffic.get('sent_packets', 0)} recv {traffic.get('received_packets', 0)}"
+            + f" dropped {sum(traffic.get('dropped', {}).values())}")

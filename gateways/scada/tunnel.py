@@ -1,0 +1,227 @@
+"""The data plane: IP packets between the TUN device and UDP, sealed per gateway pair.
+
+Two threads, one per direction, with non-blocking I/O that waits in poll()
+only when idle, so a busy tunnel costs one read, one AEAD call and one write
+per packet. Key changes come from the KeySession threads through `PairKeys`.
+
+- outbound (TUN -> UDP): the destination address picks the pair (the control
+  centre routes each substation's prefixes to its pair; a substation has one
+  pair), the Modbus policy may refuse, `PairKeys.seal` encrypts or drops.
+- inbound (UDP -> TUN): the header names pair and epoch; `PairKeys.open`
+  authenticates and checks replay; the Modbus policy may refuse; the packet is
+  written to the TUN device. The control centre learns a substation's current
+  address from its last authentic packet (so a restarted substation behind NAT
+  is found again).
+
+A refused Modbus request is dropped and both TCP ends are reset (the client's
+reset travels back through the tunnel, sealed like any packet).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import select
+import socket
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateways.scada.frame import FrameError, Header
+from gateways.scada.keys import Drop, PairKeys
+from gateways.scada.modbus import Direction, ModbusFilter
+
+log = logging.getLogger("qgw.gateway.scada")
+
+MAX_PACKET = 65535
+IDLE_POLL_MS = 200
+
+Address = tuple[str, int]
+
+
+@dataclass
+class Route:
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    pair: int
+
+
+class Traffic:
+    """Packet and byte counts of the data plane (never contents)."""
+
+    def __init__(self) -> None:
+        self.sent_packets = 0
+        self.sent_bytes = 0
+        self.received_packets = 0
+        self.received_bytes = 0
+        self.drops: Counter[str] = Counter()
+
+
+class Tunnel:
+    def __init__(self, tun_fd: int, sock: socket.socket, pairs: dict[int, PairKeys],
+                 routes: Sequence[Route], endpoints: dict[int, Address | None],
+                 policy: ModbusFilter | None = None, *, learn_endpoints: bool = False) -> None:
+        self.fd = tun_fd
+        self.sock = sock
+        self.pairs = pairs
+        self.endpoints = endpoints
+        self.policy = policy
+        self.learn = learn_endpoints
+        self.traffic = Traffic()
+        self._routes4 = [(int(r.network.network_address), int(r.network.netmask), r.pair)
+                         for r in routes if r.network.version == 4]
+        self._routes6 = [(int(r.network.network_address), int(r.network.netmask), r.pair)
+                         for r in routes if r.network.version == 6]
+        self._single = next(iter(pairs)) if len(pairs) == 1 and not routes else None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        sock.setblocking(False)
+
+    def start(self) -> None:
+        for target, name in ((self._outbound, "scada-out"), (self._inbound, "scada-in")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=2)
+
+    # -- routing -------------------------------------------------------------------
+
+    def pair_for(self, packet: bytes) -> int | None:
+        if self._single is not None:
+            return self._single
+        version = packet[0] >> 4
+        if version == 4 and len(packet) >= 20:
+            dst = int.from_bytes(packet[16:20], "big")
+            routes = self._routes4
+        elif version == 6 and len(packet) >= 40:
+            dst = int.from_bytes(packet[24:40], "big")
+            routes = self._routes6
+        else:
+            return None
+        best: tuple[int, int] | None = None
+        for net, mask, pair in routes:
+            if dst & mask == net and (best is None or mask > best[0]):
+                best = (mask, pair)
+        return None if best is None else best[1]
+
+    # -- the two directions ----------------------------------------------------------
+
+    def _outbound(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while not self._stop.is_set():
+            try:
+                packet = os.read(self.fd, MAX_PACKET)
+            except BlockingIOError:
+                poller.poll(IDLE_POLL_MS)
+                continue
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                log.error("reading the TUN device failed: %s", exc.strerror)
+                poller.poll(IDLE_POLL_MS)
+                continue
+            self.send(packet)
+
+    def send(self, packet: bytes, pair: int | None = None) -> None:
+        """Seal one packet from the local site and send it to its pair's peer."""
+        if pair is None:
+            pair = self.pair_for(packet)
+        keys = self.pairs.get(pair) if pair is not None else None
+        if keys is None or pair is None:
+            self.traffic.drops[Drop.NO_ROUTE] += 1
+            return
+        if self.policy is not None and not self._allowed(packet, Direction.OUTBOUND, pair):
+            return
+        frame = keys.seal(packet)
+        endpoint = self.endpoints.get(pair)
+        if frame is None:
+            return
+        if endpoint is None:
+            self.traffic.drops[Drop.NO_ROUTE] += 1
+            return
+        try:
+            self.sock.sendto(frame, endpoint)
+        except BlockingIOError:
+            self.traffic.drops["send_buffer_full"] += 1
+            return
+        except OSError as exc:
+            self.traffic.drops["send_failed"] += 1
+            log.debug("sending to pair %d failed: %s", pair, exc.strerror)
+            return
+        self.traffic.sent_packets += 1
+        self.traffic.sent_bytes += len(packet)
+
+    def _inbound(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        while not self._stop.is_set():
+            try:
+                frame, addr = self.sock.recvfrom(MAX_PACKET)
+            except BlockingIOError:
+                poller.poll(IDLE_POLL_MS)
+                continue
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                log.debug("receiving failed: %s", exc.strerror)  # e.g. ICMP unreachable
+                continue
+            self.receive(frame, addr)
+
+    def receive(self, frame: bytes, addr: Address) -> None:
+        try:
+            header = Header.parse(frame)
+        except FrameError:
+            self.traffic.drops[Drop.TRUNCATED] += 1
+            return
+        keys = self.pairs.get(header.pair)
+        if keys is None:
+            self.traffic.drops[Drop.UNKNOWN_PAIR] += 1
+            return
+        packet = keys.open(header, frame)
+        if packet is None:
+            return
+        if self.learn and self.endpoints.get(header.pair) != addr:
+            self.endpoints[header.pair] = addr
+        if self.policy is not None and not self._allowed(packet, Direction.INBOUND, header.pair):
+            return
+        try:
+            os.write(self.fd, packet)
+        except OSError as exc:
+            self.traffic.drops["tun_write_failed"] += 1
+            log.debug("writing to the TUN device failed: %s", exc.strerror)
+            return
+        self.traffic.received_packets += 1
+        self.traffic.received_bytes += len(packet)
+
+    def _allowed(self, packet: bytes, direction: Direction, pair: int) -> bool:
+        assert self.policy is not None
+        verdict = self.policy.check(packet, direction)
+        if verdict.allowed:
+            return True
+        self.traffic.drops[Drop.POLICY] += 1
+        if verdict.resets is not None:
+            to_client, to_server = verdict.resets
+            # Inbound: the client is across the tunnel; outbound: it is local.
+            remote, local = (to_client, to_server) if direction is Direction.INBOUND else \
+                (to_server, to_client)
+            self._send_remote(remote, pair)
+            try:
+                os.write(self.fd, local)
+            except OSError:
+                self.traffic.drops["tun_write_failed"] += 1
+        return False
+
+    def _send_remote(self, packet: bytes, pair: int) -> None:
+        keys, endpoint = self.pairs.get(pair), self.endpoints.get(pair)
+        frame = keys.seal(packet) if keys is not None else None
+        if frame is not None and endpoint is not None:
+            try:
+                self.sock.sendto(frame, endpoint)
+            except OSError:
+                self.traffic.drops["send_failed"] += 1
