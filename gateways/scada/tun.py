@@ -5,11 +5,13 @@ Errors name what is missing (the device node, the capability) instead of an errn
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
 import os
 import struct
+from pathlib import Path
 
 from qgw.errors import QgwError
 
@@ -51,6 +53,8 @@ def configure(name: str, address: ipaddress.IPv4Interface | ipaddress.IPv6Interf
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
+    if address.version == 4:
+        _no_ipv6(name)
     try:
         with IPRoute() as ip:
             (index,) = ip.link_lookup(ifname=name)
@@ -65,3 +69,11 @@ def configure(name: str, address: ipaddress.IPv4Interface | ipaddress.IPv6Interf
                 ip.route("replace", dst=str(route), oif=index)
     except NetlinkError as exc:
         raise TunError(f"configuring {name}: {os.strerror(exc.code)}") from None
+
+
+def _no_ipv6(name: str) -> None:
+    """An IPv4 tunnel carries no IPv6: without this the kernel sends router solicitations
+    and MLD reports into it, which have nowhere to go. Best effort: a container may
+    have /proc/sys read-only, and then they are only dropped and counted."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
