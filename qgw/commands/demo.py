@@ -20,8 +20,12 @@ def demo(
     rekeys: Annotated[int, typer.Option(min=1, help="Rekeys to run before reporting.")] = 10,
     interval: Annotated[float, typer.Option(min=0.1, help="Seconds between rekeys.")] = 1.0,
     mode: Annotated[SupplyMode, typer.Option(help="Key supply policy.")] = SupplyMode.QKD,
+    scada: Annotated[bool | None, typer.Option(
+        "--scada/--no-scada",
+        help="Run the SCADA gateway step (needs root: namespaces and TUN devices). "
+             "Default: when root.")] = None,
 ) -> None:
-    """Run a simulated QKD network and a gateway key session; print KPIs vs OPENQKD."""
+    """Run a simulated QKD network, a gateway key session and the gateways; KPIs vs OPENQKD."""
     logs.setup("WARNING")
     with friendly_errors(), console.status("starting") as status:
         result = run_demo(state, rekeys=rekeys, interval_s=interval, mode=mode,
@@ -55,3 +59,39 @@ def demo(
         raise typer.Exit(1)
     console.print(f"[green]ok[/]: {result.rekeys} rekeys under supply mode {result.mode}, "
                   f"last key from {result.source}. State and logs in {state}.")
+    _scada_step(scada)
+
+
+def _scada_step(wanted: bool | None) -> None:
+    from gateways.scada.demo import run_scada
+    from qgw.netlab import unavailable
+
+    why = unavailable()
+    if wanted is False or (wanted is None and why is not None):
+        console.print(f"SCADA gateway step not run ({why or '--no-scada'}); "
+                      f"`sudo scripts/demo` runs it.")
+        return
+    with friendly_errors(), console.status("SCADA") as status:
+        r = run_scada(progress=lambda text: status.update(text))
+    table = Table(title="SCADA gateway: HMI -> PLC Modbus/TCP through the QKD-keyed tunnel "
+                        "(UC16, UC02)")
+    for col, just in (("KPI", "left"), ("OPENQKD trial", "right"), ("qkdgw", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    d, t = r.direct, r.polls
+    added = t["latency_p50_ms"] - d["latency_p50_ms"]
+    table.add_row("Modbus poll round trip p50 (3 requests): direct / tunnel", "-",
+                  f"{d['latency_p50_ms']:.2f} / {t['latency_p50_ms']:.2f} ms "
+                  f"(+{added:.2f} ms)")
+    table.add_row("  p99: direct / tunnel", "-",
+                  f"{d['latency_p99_ms']:.2f} / {t['latency_p99_ms']:.2f} ms")
+    table.add_row("polls through the tunnel, failed", "-", f"{t['sent']}, {t['failed']} failed")
+    table.add_row("rekey interval", f"{UC31_REKEY_INTERVAL_S:.0f} s (UC31)",
+                  f"{r.rekey_interval_s:g} s ({r.rekeys} rekeys during the polls)")
+    table.add_row("gateway start to first protected packet", f"{UC35_TIME_TO_KEY_S:.2f} s "
+                  "to get a key (UC35)", f"{r.first_packet_s:.2f} s")
+    table.add_row("write to a forbidden breaker (CB3)", "-",
+                  "refused, connection reset" if r.refused_write else "NOT refused")
+    console.print(table)
+    if not r.ok:
+        console.print("[bold red]SCADA step failed[/]")
+        raise typer.Exit(1)
