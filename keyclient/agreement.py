@@ -164,8 +164,15 @@ class MasterAgreement:
             out.append(self.offer.deadline)
         if self.s.rekey_due(self.s.clock()):
             out.append(self.next_try)
-        if self.peer_nonce is not None and self.s.policy.pool_target:
-            out.append(self.next_refill)
+        pol = self.s.policy
+        if self.peer_nonce is not None and pol.pool_target:
+            # Wake for a refill only when one is wanted, and for announcements the
+            # slave has not confirmed: a full pool must not spin the session's thread.
+            level = len(self.agreed) + len(self.announced)
+            if level <= pol.pool_low and level < pol.pool_target:
+                out.append(self.next_refill)
+            out.extend(self.s.clock() if a.sent_at is None else a.sent_at + pol.ack_timeout_s
+                       for a in self.announced.values())
         return out
 
     def tick(self, now: float) -> None:
