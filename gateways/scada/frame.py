@@ -8,9 +8,12 @@
     +---------------------------------------------------------------+
     |          ciphertext of one IP packet || 16-byte tag           |
 
-`pair` names the gateway pair (the substation's number) whose keys protect
-the packet, `epoch` which of that pair's keys, `seq` the sender's counter
-under that key and direction (from 1, never repeated: it is half the nonce).
+`type` is 1 for a data packet, 2 for a keepalive (a sealed empty packet a
+substation sends when it gets a key and when idle, so the control centre
+learns and keeps its address, through NAT too). `pair` names the gateway
+pair (the substation's number) whose keys protect the packet, `epoch` which
+of that pair's keys, `seq` the sender's counter under that key and direction
+(from 1, never repeated: it is half the nonce).
 The whole header is the AEAD's associated data, so none of it can be changed
 without the packet failing authentication.
 """
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 
 VERSION = 1
 TYPE_DATA = 1
+TYPE_KEEPALIVE = 2  # sealed, empty: tells the control centre where the substation is
+TYPES = (TYPE_DATA, TYPE_KEEPALIVE)
 HEADER = struct.Struct("!BBHIQ")
 HEADER_LEN = HEADER.size  # 16
 TAG_LEN = 16
@@ -47,6 +52,6 @@ class Header:
         if len(frame) < OVERHEAD:
             raise FrameError("truncated")
         version, kind, pair, epoch, seq = HEADER.unpack_from(frame)
-        if version != VERSION or kind != TYPE_DATA:
+        if version != VERSION or kind not in TYPES:
             raise FrameError("unknown version or type")
         return cls(pair, epoch, seq, kind)

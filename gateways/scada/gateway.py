@@ -23,7 +23,7 @@ from gateways.scada.config import ScadaConfig
 from gateways.scada.keys import PairKeys, Side
 from gateways.scada.modbus import ModbusFilter
 from gateways.scada.tun import configure, open_tun
-from gateways.scada.tunnel import Address, Route, Tunnel
+from gateways.scada.tunnel import KEEPALIVE_S, Address, Route, Tunnel
 from keyclient import Etsi014Client
 from keyclient.control import TlsControlChannel
 from keyclient.metrics import register_session
@@ -75,7 +75,9 @@ class ScadaGateway(Gateway):
             self.tunnel = Tunnel(self._fd, self._sock, self.pairs,
                                  routes if self.side is Side.CONTROL_CENTRE else [],
                                  endpoints, policy,
-                                 learn_endpoints=self.side is Side.CONTROL_CENTRE)
+                                 learn_endpoints=self.side is Side.CONTROL_CENTRE,
+                                 keepalive_s=KEEPALIVE_S if self.side is Side.SUBSTATION
+                                 else None)
             self._kme = Etsi014Client(cfg.kme, files)
             for pair, (peer_sae, control) in peers.items():
                 channel = TlsControlChannel(

@@ -24,7 +24,7 @@ from enum import StrEnum
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateways.scada.frame import HEADER_LEN, Header
+from gateways.scada.frame import HEADER_LEN, TYPE_DATA, Header
 from gateways.scada.replay import ReplayWindow
 from keyclient.installer import SessionKey
 
@@ -129,7 +129,7 @@ class PairKeys:
     def epochs(self) -> list[int]:
         return sorted(self._epochs)
 
-    def seal(self, packet: bytes) -> bytes | None:
+    def seal(self, packet: bytes, kind: int = TYPE_DATA) -> bytes | None:
         """The frame carrying `packet`, or None (dropped and counted) without a key."""
         tx = self._tx
         if tx is None:
@@ -139,7 +139,7 @@ class PairKeys:
         if seq >= SEQ_LIMIT:
             self.drops[Drop.SEQ_EXHAUSTED] += 1
             return None
-        header = bytes(Header(self.pair, tx.epoch, seq))
+        header = bytes(Header(self.pair, tx.epoch, seq, kind))
         return header + tx.tx.encrypt(tx.tx_salt + seq.to_bytes(8, "big"), packet, header)
 
     def open(self, header: Header, frame: bytes) -> bytes | None:

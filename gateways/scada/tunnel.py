@@ -10,8 +10,9 @@ per packet. Key changes come from the KeySession threads through `PairKeys`.
 - inbound (UDP -> TUN): the header names pair and epoch; `PairKeys.open`
   authenticates and checks replay; the Modbus policy may refuse; the packet is
   written to the TUN device. The control centre learns a substation's current
-  address from its last authentic packet (so a restarted substation behind NAT
-  is found again).
+  address from its last authentic packet; substations send a sealed keepalive
+  whenever they get a new key and when idle for KEEPALIVE_S, so a substation
+  without a configured address, or behind NAT, or restarted, is found again.
 
 A refused Modbus request is dropped and both TCP ends are reset (the client's
 reset travels back through the tunnel, sealed like any packet).
@@ -19,17 +20,19 @@ reset travels back through the tunnel, sealed like any packet).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
 import select
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateways.scada.frame import FrameError, Header
+from gateways.scada.frame import TYPE_KEEPALIVE, FrameError, Header
 from gateways.scada.keys import Drop, PairKeys
 from gateways.scada.modbus import Direction, ModbusFilter
 
@@ -37,6 +40,7 @@ log = logging.getLogger("qgw.gateway.scada")
 
 MAX_PACKET = 65535
 IDLE_POLL_MS = 200
+KEEPALIVE_S = 10.0
 
 Address = tuple[str, int]
 
@@ -61,7 +65,8 @@ class Traffic:
 class Tunnel:
     def __init__(self, tun_fd: int, sock: socket.socket, pairs: dict[int, PairKeys],
                  routes: Sequence[Route], endpoints: dict[int, Address | None],
-                 policy: ModbusFilter | None = None, *, learn_endpoints: bool = False) -> None:
+                 policy: ModbusFilter | None = None, *, learn_endpoints: bool = False,
+                 keepalive_s: float | None = None) -> None:
         self.fd = tun_fd
         self.sock = sock
         self.pairs = pairs
@@ -74,6 +79,8 @@ class Tunnel:
         self._routes6 = [(int(r.network.network_address), int(r.network.netmask), r.pair)
                          for r in routes if r.network.version == 6]
         self._single = next(iter(pairs)) if len(pairs) == 1 and not routes else None
+        self.keepalive_s = keepalive_s
+        self._kept_alive: dict[int, tuple[int | None, float]] = {}  # pair -> (epoch, when)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         sock.setblocking(False)
@@ -118,6 +125,8 @@ class Tunnel:
             try:
                 packet = os.read(self.fd, MAX_PACKET)
             except BlockingIOError:
+                if self.keepalive_s is not None:
+                    self.keep_alive(time.monotonic())
                 poller.poll(IDLE_POLL_MS)
                 continue
             except OSError as exc:
@@ -157,6 +166,21 @@ class Tunnel:
         self.traffic.sent_packets += 1
         self.traffic.sent_bytes += len(packet)
 
+    def keep_alive(self, now: float) -> None:
+        """Send a keepalive for each pair whose key changed or that was quiet too long."""
+        assert self.keepalive_s is not None
+        for pair, keys in self.pairs.items():
+            epoch = keys.active_epoch
+            last_epoch, last = self._kept_alive.get(pair, (None, 0.0))
+            if epoch is None or (epoch == last_epoch and now - last < self.keepalive_s):
+                continue
+            frame = keys.seal(b"", TYPE_KEEPALIVE)
+            endpoint = self.endpoints.get(pair)
+            if frame is not None and endpoint is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.sendto(frame, endpoint)
+                self._kept_alive[pair] = (epoch, now)
+
     def _inbound(self) -> None:
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
@@ -188,6 +212,8 @@ class Tunnel:
             return
         if self.learn and self.endpoints.get(header.pair) != addr:
             self.endpoints[header.pair] = addr
+        if header.type == TYPE_KEEPALIVE:
+            return
         if self.policy is not None and not self._allowed(packet, Direction.INBOUND, header.pair):
             return
         try:

@@ -48,11 +48,12 @@ def scada(
         gw.open()
         try:
             while not stop.wait(status_every or None):
-                console.print(_status_line(gw.stats()), highlight=False, soft_wrap=True)
+                console.print(_status_line(gw.stats()), highlight=False, soft_wrap=True,
+                              markup=False)
         finally:
             gw.close()
             console.print(f"stopped; {_status_line(gw.stats())}", highlight=False,
-                          soft_wrap=True)
+                          soft_wrap=True, markup=False)
 
 
 def _status_line(stats: dict[str, object]) -> str:

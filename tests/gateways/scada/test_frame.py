@@ -26,7 +26,7 @@ def test_header_round_trips(pair: int, epoch: int, seq: int) -> None:
 
 @pytest.mark.parametrize("frame", [b"", bytes(OVERHEAD - 1),
                                    bytes.fromhex("02010001000000010000000000000001") + bytes(16),
-                                   bytes.fromhex("01020001000000010000000000000001") + bytes(16)])
+                                   bytes.fromhex("01030001000000010000000000000001") + bytes(16)])
 def test_not_a_frame(frame: bytes) -> None:
     with pytest.raises(FrameError):
         Header.parse(frame)

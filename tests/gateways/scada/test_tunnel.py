@@ -277,3 +277,29 @@ def test_a_restarted_substation_rejoins_with_fresh_keys(pair: Pair) -> None:
             pair.cc.app.send(ipv4_udp(CC_IP, SUB_IP, b"hello again"))
     else:
         raise AssertionError("no traffic after the restart")
+
+
+def test_a_substation_without_a_known_address_is_found_by_its_keepalive(kmes: KmePair) -> None:
+    """The control centre has no address for the substation; the keepalive teaches it."""
+    p = Pair(kmes, SessionPolicy(rekey_interval_s=30, pool_target=2, pool_low=1))
+    try:
+        assert p.cc.tunnel is not None and p.sub.tunnel is not None
+        p.cc.tunnel.endpoints[1] = None
+        p.wait_protected()
+        p.cc.app.send(ipv4_udp(CC_IP, SUB_IP, b"lost"))          # nowhere to send it yet
+        deadline = time.monotonic() + 2
+        while not p.cc.tunnel.traffic.drops[Drop.NO_ROUTE] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert p.cc.tunnel.traffic.drops[Drop.NO_ROUTE] == 1
+        p.sub.tunnel.keepalive_s = 10.0
+        p.sub.tunnel.keep_alive(time.monotonic())                 # what its idle loop does
+        deadline = time.monotonic() + 2
+        while p.cc.tunnel.endpoints[1] is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert p.cc.tunnel.endpoints[1] == p.sub.udp.getsockname()
+        p.cc.app.send(ipv4_udp(CC_IP, SUB_IP, b"found"))
+        assert p.sub.app.recv(2048).endswith(b"found")
+        # a keepalive carries nothing to the site
+        assert p.cc.tunnel.traffic.received_packets == 0
+    finally:
+        p.close()
