@@ -7,6 +7,11 @@ run it, with Linux network namespaces standing in for containers:
   veth whose peer sits on a bridge `br0` in one more namespace `qgw<random>-net`
   (nothing is added to the host's own namespace), an address 10.77.0.x/24 and
   a hosts file /etc/netns/<ns>/hosts naming every service (compose's DNS);
+  a service with `network_mode: "service:X"` gets none and runs in X's
+  namespace (and starts after X, as compose makes it);
+- networks: every service sits on the one bridge; a fixed `ipv4_address` on a
+  compose network is added to the service's `eth0` (with the network's prefix
+  length), so those addresses reach each other as on that network;
 - volumes: the named volume `state` is a temporary folder, a bind mount
   (`./deploy/compose:/etc/qgw:ro`) is that repository folder;
 - the command is the service's entrypoint (or the Dockerfile's ENTRYPOINT) plus
@@ -14,9 +19,10 @@ run it, with Linux network namespaces standing in for containers:
   `python -m qgw`, `python` -> this interpreter), from the repository root;
 - container paths are rewritten to the mapped folders in two small places:
   arguments that start with a mount target (`/state/pki` -> `<tmp>/state/pki`),
-  and for `qgw kme serve --config FILE`, every path in FILE that starts with a
-  mount target, passed as a `QGW_KME__...` environment override (the config
-  files stay untouched and are the very ones the containers read);
+  and for `qgw kme serve --config FILE` and `qgw gateway scada --config FILE`,
+  every path in FILE that starts with a mount target, passed as a `QGW_KME__...`
+  or `QGW_SCADA__...` environment override (the config files stay untouched and
+  are the very ones the containers read);
 - depends_on is honoured in order: `service_completed_successfully` waits for
   the exit code, `service_healthy` runs the service's healthcheck command in its
   namespace until it passes (polled faster than compose's interval, to keep the
@@ -25,9 +31,11 @@ run it, with Linux network namespaces standing in for containers:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -38,7 +46,10 @@ from typing import Any
 import pytest
 import yaml
 
-from apps import keysmoke
+from apps import hmi, keysmoke, plc
+from gateways.scada.config import ScadaConfig
+from gateways.scada.modbus import Direction, ModbusFilter
+from qgw.config import load_model
 from qgw.pki import kme_dns_name
 from tests.netlab import Lab
 
@@ -48,6 +59,10 @@ DOCKERFILE = REPO / "Dockerfile"
 KMES = {"kme-a": "KME_A", "kme-b": "KME_B"}
 # How a container's executable maps to this machine.
 EXECUTABLES = {"qgw": [sys.executable, "-m", "qgw"], "python": [sys.executable]}
+# The demo apps run as `python -m apps.<name>`.
+APPS = {"apps.keysmoke": keysmoke, "apps.plc": plc, "apps.hmi": hmi}
+# Commands that read a config file (--config), and the env prefix of its overrides.
+CONFIG_ENV = {("qgw", "kme", "serve"): "QGW_KME", ("qgw", "gateway", "scada"): "QGW_SCADA"}
 
 
 # -- reading compose.yaml and the Dockerfile -------------------------------------------
@@ -94,18 +109,52 @@ def depends_on(svc: dict[str, Any]) -> dict[str, str]:
     return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
 
 
-def start_order(services: dict[str, Any]) -> list[str]:
+def netns_owner(name: str, svc: dict[str, Any]) -> str:
+    """The service whose network namespace `name` runs in (`network_mode: "service:X"`)."""
+    mode = svc.get("network_mode")
+    if mode is None:
+        return name
+    assert isinstance(mode, str) and mode.startswith("service:"), \
+        f"{name}: unsupported network_mode {mode!r}"
+    return mode.removeprefix("service:")
+
+
+def fixed_addresses(svc: dict[str, Any]) -> dict[str, str]:
+    """Compose network -> the service's `ipv4_address` on it, as ADDRESS/PREFIXLEN."""
+    networks = svc.get("networks") or {}
+    if isinstance(networks, list):
+        return {}
+    out = {}
+    for net, spec in networks.items():
+        address = (spec or {}).get("ipv4_address")
+        if address is None:
+            continue
+        subnets = [ipaddress.ip_network(c["subnet"])
+                   for c in load_compose()["networks"][net]["ipam"]["config"]]
+        (subnet,) = [n for n in subnets if ipaddress.ip_address(address) in n]
+        out[net] = f"{address}/{subnet.prefixlen}"
+    return out
+
+
+def needs(name: str, svc: dict[str, Any]) -> list[str]:
+    """What a service waits for: its depends_on and, as compose adds, its network_mode's X."""
+    owner = netns_owner(name, svc)
+    return [*depends_on(svc), *([owner] if owner != name else [])]
+
+
+def start_order(services: dict[str, Any], targets: list[str] | None = None) -> list[str]:
+    """`targets` (default: all services) and what they need, dependencies first."""
     order: list[str] = []
 
     def visit(name: str, path: tuple[str, ...]) -> None:
         assert name not in path, f"depends_on cycle: {' -> '.join((*path, name))}"
         if name in order:
             return
-        for dep in depends_on(services[name]):
+        for dep in needs(name, services[name]):
             visit(dep, (*path, name))
         order.append(name)
 
-    for name in services:
+    for name in targets if targets is not None else services:
         visit(name, ())
     return order
 
@@ -148,8 +197,9 @@ class Mounts:
         return value
 
     def env_overrides(self, argv: list[str]) -> dict[str, str]:
-        """For `qgw kme serve --config FILE`: QGW_KME__... for each container path in FILE."""
-        if argv[:3] != ["qgw", "kme", "serve"]:
+        """For a command with a config file (CONFIG_ENV): PREFIX__... per container path in it."""
+        prefix = CONFIG_ENV.get(tuple(argv[:3]))
+        if prefix is None:
             return {}
         config = Path(self.path(argv[argv.index("--config") + 1]))
         out: dict[str, str] = {}
@@ -159,7 +209,7 @@ class Mounts:
                 if isinstance(value, dict):
                     walk(value, [*keys, key])
                 elif isinstance(value, str) and self.path(value) != value:
-                    out["QGW_KME__" + "__".join(k.upper() for k in [*keys, key])] = \
+                    out[f"{prefix}__" + "__".join(k.upper() for k in [*keys, key])] = \
                         self.path(value)
 
         walk(yaml.safe_load(config.read_text()), [])
@@ -237,13 +287,144 @@ def test_madrid_profile_runs_each_node_in_its_own_container() -> None:
     assert depends_on(services["madrid-smoke"]) == dict.fromkeys(nodes, "service_healthy")
 
 
+SCADA_KMES = {"kme-cc": "KME_CC", "kme-s1": "KME_S1", "kme-s2": "KME_S2"}
+SCADA_GATEWAYS = {"scada-cc": "control-centre", "scada-sub1": "substation",
+                  "scada-sub2": "substation"}
+SCADA_BEHIND = {"plc1": "scada-sub1", "plc2": "scada-sub2", "hmi": "scada-cc"}
+SCADA_TOPOLOGY = "/etc/qgw/topology.yaml"
+
+
+def scada_config(name: str) -> ScadaConfig:
+    """A SCADA gateway service's config file, validated by the real model (no env)."""
+    svc = load_compose()["services"][name]
+    argv = service_argv(svc)
+    path = Mounts.of(svc, {"state": Path("/nonexistent")}).path(
+        argv[argv.index("--config") + 1])
+    return load_model(Path(path), ScadaConfig, env_prefix="QGW_SCADA", env={})
+
+
+def modbus_packet(unit: int, pdu: bytes) -> bytes:
+    """An IPv4/TCP segment from the control centre's HMI to a PLC carrying one request."""
+    adu = struct.pack(">HHHB", 1, 0, len(pdu) + 1, unit) + pdu
+    tcp = struct.pack(">HHIIBBHHH", 40000, 502, 1, 1, 5 << 4, 0x18, 65535, 0, 0)
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 40 + len(adu), 1, 0x4000, 64, 6, 0,
+                     bytes([10, 99, 0, 1]), bytes([10, 99, 1, 1]))
+    return ip + tcp + adu
+
+
+def test_scada_profile_structure() -> None:
+    from kme.topology import load_topology
+
+    services = services_of("scada")
+    assert set(services) == set(services_of()) | {"scada-prepare", *SCADA_KMES,
+                                                  *SCADA_GATEWAYS, *SCADA_BEHIND}
+    assert set(services_of("madrid")).isdisjoint({*SCADA_KMES, *SCADA_GATEWAYS})
+    prepare = services["scada-prepare"]
+    assert service_argv(prepare) == ["qgw", "kme", "prepare", "--topology", SCADA_TOPOLOGY,
+                                     "--dns", "--state", "/state/scada"]
+    mounts = Mounts.of(prepare, {"state": Path("/nonexistent")})
+    topology = load_topology(mounts.path(SCADA_TOPOLOGY))
+    assert {kme_dns_name(k): k for k in topology.nodes} == SCADA_KMES
+    assert {frozenset((link.a, link.b)) for link in topology.links} == {
+        frozenset(("KME_CC", "KME_S1")), frozenset(("KME_CC", "KME_S2"))}
+    for name, kme in SCADA_KMES.items():
+        svc = services[name]
+        assert service_argv(svc) == ["qgw", "kme", "up", "--topology", SCADA_TOPOLOGY,
+                                     "--node", kme, "--dns", "--state", "/state/scada"]
+        assert depends_on(svc) == {"scada-prepare": "service_completed_successfully"}
+        assert ":9443/health" in " ".join(svc["healthcheck"]["test"])
+
+    configs = {name: scada_config(name) for name in SCADA_GATEWAYS}
+    wan: dict[str, str] = {}
+    for name, role in SCADA_GATEWAYS.items():
+        svc, cfg = services[name], configs[name]
+        assert service_argv(svc)[:5] == ["qgw", "gateway", "scada", "--config",
+                                         f"/etc/qgw/{name}.yaml"]
+        assert "NET_ADMIN" in svc.get("cap_add", []), f"{name} needs NET_ADMIN"
+        assert "/dev/net/tun" in svc.get("devices", []), f"{name} needs /dev/net/tun"
+        assert svc.get("user") in ("root", "0", "0:0"), "cap_add reaches root only"
+        assert cfg.role == role and cfg.pki == Path("/state/scada/pki")
+        kme = topology.saes[cfg.sae]             # the gateways are the topology's SAEs
+        assert cfg.kme == f"https://{kme_dns_name(kme)}:8443"
+        assert depends_on(svc) == {kme_dns_name(kme): "service_healthy"}
+        assert cfg.metrics is not None
+        assert f":{cfg.metrics.port}/metrics" in " ".join(svc["healthcheck"]["test"])
+        (wan[name],) = [a.split("/")[0] for a in fixed_addresses(svc).values()]
+    assert set(topology.saes) == {c.sae for c in configs.values()}
+
+    # Every pair, seen from both ends: endpoints, control channel, routes, keys.
+    cc = configs["scada-cc"]
+    by_sae = {cfg.sae: name for name, cfg in configs.items()}
+    assert sorted(by_sae[sub.sae] for sub in cc.substations) == ["scada-sub1", "scada-sub2"]
+    for sub in cc.substations:
+        name = by_sae[sub.sae]
+        far = configs[name].control_centre
+        assert far is not None and (far.pair, far.sae) == (sub.pair, cc.sae)
+        assert sub.endpoint == f"{wan[name]}:{configs[name].listen.port}"
+        assert far.endpoint == f"{wan['scada-cc']}:{cc.listen.port}"
+        assert sub.control == f"{name}:{far.control_listen.port}"
+        assert sub.routes == [configs[name].tun.address.network]
+        assert far.routes == [cc.tun.address.network]
+        assert configs[name].keys == cc.keys
+
+    # PLCs and HMI: in their gateway's namespace, on its tunnel address.
+    tunnel = {name: str(cfg.tun.address.ip) for name, cfg in configs.items()}
+    for name, owner in SCADA_BEHIND.items():
+        svc = services[name]
+        assert netns_owner(name, svc) == owner
+        assert owner in depends_on(svc)
+        assert not svc.get("ports") and not svc.get("networks")
+    for name in ("plc1", "plc2"):
+        opts = plc.parse_args(service_argv(services[name])[3:])
+        assert (opts.host, opts.port) == (tunnel[SCADA_BEHIND[name]], 502)
+    opts_hmi = hmi.parse_args(service_argv(services["hmi"])[3:])
+    assert (opts_hmi.host, opts_hmi.port) == (tunnel["scada-sub1"], 502)
+    assert opts_hmi.duration is not None and opts_hmi.duration <= 30 and opts_hmi.quiet
+    # `up hmi` brings up the whole SCADA network (and nothing else) before the HMI polls.
+    assert depends_on(services["hmi"]) == {
+        **dict.fromkeys(SCADA_GATEWAYS, "service_healthy"),
+        "plc1": "service_started", "plc2": "service_started"}
+    assert set(start_order(services, ["hmi"])) == {name for name, svc in services.items()
+                                                   if "scada" in svc.get("profiles", [])}
+    assert start_order(services)[-1] == "hmi"
+
+    # Substation 1's Modbus policy does what its comments say.
+    policy = configs["scada-sub1"].modbus
+    assert policy is not None and policy.enforce_inbound and policy.port == 502
+    check = ModbusFilter(policy).check
+    allowed = {
+        "read input registers 0..9": struct.pack(">BHH", 4, 0, 10),
+        "read coils 0..2": struct.pack(">BHH", 1, 0, 3),
+        "read discrete inputs 0..3": struct.pack(">BHH", 2, 0, 4),
+        "read holding registers 0..1": struct.pack(">BHH", 3, 0, 2),
+        "open CB3": struct.pack(">BHH", 5, 2, 0x0000),
+        "close CB1..CB3": struct.pack(">BHHBB", 15, 0, 3, 1, 0b111),
+    }
+    refused = {
+        "write coil 3": struct.pack(">BHH", 5, 3, 0xFF00),
+        "write V_SETPOINT": struct.pack(">BHH", 6, 0, 2300),
+        "write I_LIMIT (multiple)": struct.pack(">BHHBH", 16, 1, 1, 2, 2000),
+        "diagnostics": struct.pack(">BHH", 8, 0, 0),
+    }
+    for what, pdu in allowed.items():
+        assert check(modbus_packet(1, pdu), Direction.INBOUND).reason == "allowed", what
+    for what, pdu in refused.items():
+        assert check(modbus_packet(1, pdu), Direction.INBOUND).reason == "denied", what
+    other_unit = modbus_packet(2, allowed["read coils 0..2"])
+    assert check(other_unit, Direction.INBOUND).reason == "denied"
+    assert configs["scada-sub2"].modbus is None
+
+
 @pytest.mark.parametrize("service", ["pki", "kme-a", "kme-b", "keysmoke", "madrid-prepare",
-                                     "kme-norte", "madrid-smoke"])
+                                     "kme-norte", "madrid-smoke", "scada-prepare", "kme-cc",
+                                     "scada-cc", "scada-sub1", "scada-sub2", "plc1", "plc2",
+                                     "hmi"])
 def test_service_command_parses(service: str) -> None:
     """Each service's argv is accepted by the real CLI (instead of `docker compose config`).
 
     `--help` is eager, so appending it checks subcommand and option names
     (click rejects an unknown option before showing help) without running anything.
+    The demo apps' argparse parsers are called directly (they exit 2 on a bad argument).
     """
     argv = service_argv(load_compose()["services"][service])
     if argv[0] == "qgw":
@@ -251,13 +432,14 @@ def test_service_command_parses(service: str) -> None:
         assert result.returncode == 0, result.stderr
         words = [a for a in argv[1:3] if not a.startswith("-")]
         assert f"Usage: qgw {' '.join(words)}" in result.stdout
-    else:
-        assert argv[:3] == ["python", "-m", "apps.keysmoke"]
-        opts = keysmoke.parse_args(argv[3:])  # argparse exits 2 on any bad argument
+        return
+    assert argv[:2] == ["python", "-m"] and argv[2] in APPS, argv
+    opts = APPS[argv[2]].parse_args(argv[3:])
+    if argv[2] == "apps.keysmoke":
         assert (opts.master, opts.slave) in (("SAE_1", "SAE_2"), ("SAE_ALMAGRO", "SAE_UAM"))
-        result = subprocess.run([sys.executable, "-m", "apps.keysmoke", "--help"], cwd=REPO,
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0 and "--master-kme" in result.stdout
+    result = subprocess.run([sys.executable, "-m", argv[2], "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "usage:" in result.stdout
 
 
 def test_command_check_rejects_a_bad_option() -> None:
@@ -296,15 +478,25 @@ def wait_healthy(lab: Lab, service: str, svc: dict[str, Any], timeout_s: float) 
         time.sleep(0.2)
 
 
-def run_in_namespaces(lab: Lab, profile: str | None, smoke: str) -> dict[str, Path]:
-    """Start a profile's services in dependency order; wait for `smoke` to exit 0."""
+def run_in_namespaces(lab: Lab, profile: str | None, smoke: str, *, only_smoke: bool = False,
+                      smoke_timeout_s: float = 90) -> dict[str, Path]:
+    """Start a profile's services in dependency order; wait for `smoke` to exit 0.
+
+    With `only_smoke`, what `docker compose --profile P up SMOKE` starts: `smoke`
+    and what it depends on.
+    """
     services = services_of(profile)
-    order = start_order(services)
+    order = start_order(services, [smoke] if only_smoke else None)
     assert order[-1] == smoke
     named = {name: lab.tmp / "volumes" / name for name in load_compose().get("volumes", {})}
     for path in named.values():
         path.mkdir(parents=True)
-    lab.setup(order)
+    owners = {name: netns_owner(name, services[name]) for name in order}
+    lab.setup([name for name in order if owners[name] == name])
+    for name in order:
+        for address in fixed_addresses(services[name]).values():
+            subprocess.run(["ip", "-n", lab.namespaces[name], "addr", "add", address,
+                            "dev", "eth0"], check=True, capture_output=True, timeout=10)
 
     for service in order:
         svc = services[service]
@@ -320,14 +512,19 @@ def run_in_namespaces(lab: Lab, profile: str | None, smoke: str) -> dict[str, Pa
         env.update({k: mounts.path(str(v)) for k, v in svc.get("environment", {}).items()})
         env.update(mounts.env_overrides(argv))
         env["PYTHONUNBUFFERED"] = "1"
-        lab.start(service, host_argv([mounts.path(a) for a in argv]), env)
+        lab.start(service, host_argv([mounts.path(a) for a in argv]), env,
+                  ns_of=owners[service])
 
-    code = wait_exit(lab, smoke, 90)
+    code = wait_exit(lab, smoke, smoke_timeout_s)
+    assert code == 0, f"{smoke} exited with code {code}:\n{lab.tail(smoke)}"
+    return named
+
+
+def assert_keys_matched(lab: Lab, smoke: str) -> None:
+    """A keysmoke run's output: 8 keys fetched at both ends, all equal."""
     out = lab.tail(smoke)
-    assert code == 0, f"{smoke} exited with code {code}:\n{out}"
     assert re.search(r"OK: 8/8 keys matched", out), out
     assert len(re.findall(r"key_ID [0-9a-f-]{36}", out)) == 8, out
-    return named
 
 
 @pytest.mark.netns
@@ -335,6 +532,7 @@ def run_in_namespaces(lab: Lab, profile: str | None, smoke: str) -> dict[str, Pa
 def test_compose_runs_in_namespaces(lab: Lab) -> None:
     started = time.monotonic()
     named = run_in_namespaces(lab, None, "keysmoke")
+    assert_keys_matched(lab, "keysmoke")
     # The KMEs saw each other through the service names and stored into the volume.
     assert (named["state"] / "store" / "KME_A.sqlite").exists()
     assert (named["state"] / "pki" / "sae" / "SAE_2.pem").exists()
@@ -348,5 +546,57 @@ def test_compose_runs_in_namespaces(lab: Lab) -> None:
 def test_madrid_profile_runs_in_namespaces(lab: Lab) -> None:
     """13 KME containers of the Madrid network; keys relayed Almagro -> UAM over 5 hops."""
     named = run_in_namespaces(lab, "madrid", "madrid-smoke")
+    assert_keys_matched(lab, "madrid-smoke")
     assert len(list((named["state"] / "madrid" / "store").glob("*.sqlite"))) == 13
     assert "link KME_ALMAGRO -> KME_UAM" in lab.tail("madrid-smoke")
+
+
+def scrape(lab: Lab, service: str, port: int) -> str:
+    """A service's Prometheus /metrics, fetched inside its namespace."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    out = lab.output(service, [sys.executable, "-c", "import urllib.request as u; "
+                               f"print(u.urlopen({url!r}, timeout=5).read().decode())"], 20)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    total = 0.0
+    for match in re.finditer(rf"^{name}(?:{{(.*)}})? (\S+)$", text, re.MULTILINE):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_scada_profile_runs_in_namespaces(lab: Lab) -> None:
+    """Three KMEs, three SCADA gateways, two PLCs behind the tunnels, the HMI's smoke run."""
+    started = time.monotonic()
+    run_in_namespaces(lab, "scada", "hmi", only_smoke=True)
+    took = time.monotonic() - started
+    # The HMI polled plc1 through the tunnel (and substation 1's Modbus policy) for
+    # --duration, and every poll of 3 requests came back once, in order.
+    out = lab.tail("hmi")
+    summary = re.search(r"summary: polls (\d+), ok (\d+), failed 0, requests (\d+), "
+                        r"duplicate responses 0, out-of-order responses 0, reconnects 0", out)
+    assert summary, out
+    polls, ok, requests = map(int, summary.groups())
+    assert ok == polls >= 100 and requests == 3 * polls, out
+    for name in (*SCADA_GATEWAYS, "plc1", "plc2"):
+        assert lab.procs[name].poll() is None, f"{name} died:\n{lab.tail(name)}"
+    # Keys: every pair is protected by a QKD key; the cc rekeyed under the HMI's traffic.
+    cc_log = lab.tail("scada-cc")
+    for pair in (1, 2):
+        epochs = [int(e) for e in re.findall(rf"pair {pair}: epoch (\d+) \(qkd\)", cc_log)]
+        assert epochs, cc_log
+    assert max(int(e) for e in re.findall(r"pair 1: epoch (\d+)", cc_log)) >= 2, cc_log
+    for name in ("scada-sub1", "scada-sub2"):
+        assert re.search(r"pair \d: epoch \d+ \(qkd\)", lab.tail(name)), lab.tail(name)
+    sub1 = scrape(lab, "scada-sub1", 9600)
+    assert metric(sub1, "qgw_scada_pair_protected") == 1
+    assert metric(sub1, "qgw_scada_received_packets_total") >= requests
+    assert metric(sub1, "qgw_scada_dropped_packets_total", reason="policy") == 0
+    print(f"scada profile in namespaces: {took:.1f} s")
