@@ -14,6 +14,7 @@ class ReplayWindow:
 
     def __init__(self, size: int = WINDOW) -> None:
         self.size = size
+        self._mask = (1 << size) - 1
         self.top = 0          # highest accepted sequence number (0: none yet)
         self.bits = 0         # bit i set: top - i was accepted
 
@@ -28,8 +29,7 @@ class ReplayWindow:
     def update(self, seq: int) -> None:
         if seq > self.top:
             shift = seq - self.top
-            self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1) \
-                if shift < self.size else 1
+            self.bits = ((self.bits << shift) | 1) & self._mask if shift < self.size else 1
             self.top = seq
         else:
             self.bits |= 1 << (self.top - seq)
