@@ -24,8 +24,8 @@ from enum import StrEnum
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from gateways.replay import ReplayWindow
 from gateways.scada.frame import HEADER_LEN, TYPE_DATA, Header
-from gateways.scada.replay import ReplayWindow
 from keyclient.installer import SessionKey
 
 log = logging.getLogger("qgw.gateway.scada")

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateways.replay import ReplayWindow
 from gateways.scada.frame import HEADER_LEN, OVERHEAD, FrameError, Header
-from gateways.scada.replay import ReplayWindow
 
 
 def test_header_round_trip_and_known_bytes() -> None:
