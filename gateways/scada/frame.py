@@ -21,13 +21,14 @@ without the packet failing authentication.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 VERSION = 1
 TYPE_DATA = 1
 TYPE_KEEPALIVE = 2  # sealed, empty: tells the control centre where the substation is
 TYPES = (TYPE_DATA, TYPE_KEEPALIVE)
 HEADER = struct.Struct("!BBHIQ")
+PREFIX = struct.Struct("!BBHI")  # the header without its sequence number
 HEADER_LEN = HEADER.size  # 16
 TAG_LEN = 16
 OVERHEAD = HEADER_LEN + TAG_LEN
@@ -37,8 +38,8 @@ class FrameError(ValueError):
     """Not a frame of this tunnel (too short, other version or type)."""
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    # A NamedTuple, not a dataclass: it is made for every packet received.
     pair: int
     epoch: int
     seq: int
@@ -55,3 +56,8 @@ class Header:
         if version != VERSION or kind not in TYPES:
             raise FrameError("unknown version or type")
         return cls(pair, epoch, seq, kind)
+
+
+def prefix(pair: int, epoch: int, kind: int = TYPE_DATA) -> bytes:
+    """The first 8 header bytes; the sender appends the 8-byte sequence number."""
+    return PREFIX.pack(VERSION, kind, pair, epoch)

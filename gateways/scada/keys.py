@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateways.replay import ReplayWindow
-from gateways.scada.frame import HEADER_LEN, TYPE_DATA, Header
+from gateways.scada.frame import HEADER_LEN, TYPE_DATA, TYPE_KEEPALIVE, Header, prefix
 from keyclient.installer import SessionKey
 
 log = logging.getLogger("qgw.gateway.scada")
@@ -60,6 +60,7 @@ class _Epoch:
     tx_salt: bytes
     rx: AESGCM
     rx_salt: bytes
+    prefixes: dict[int, bytes]     # frame type -> first 8 header bytes
     window: ReplayWindow = field(default_factory=ReplayWindow)
     seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -85,8 +86,9 @@ class PairKeys:
         tx = key.derive(f"scada/pair={self.pair}/{out}", 36).expose()
         rx = key.derive(f"scada/pair={self.pair}/{inn}", 36).expose()
         with self._lock:
-            self._epochs[epoch] = _Epoch(epoch, str(key.source), AESGCM(tx[:32]), tx[32:],
-                                         AESGCM(rx[:32]), rx[32:])
+            self._epochs[epoch] = _Epoch(
+                epoch, str(key.source), AESGCM(tx[:32]), tx[32:], AESGCM(rx[:32]), rx[32:],
+                {kind: prefix(self.pair, epoch, kind) for kind in (TYPE_DATA, TYPE_KEEPALIVE)})
 
     def activate(self, epoch: int) -> None:
         with self._lock:
@@ -139,8 +141,9 @@ class PairKeys:
         if seq >= SEQ_LIMIT:
             self.drops[Drop.SEQ_EXHAUSTED] += 1
             return None
-        header = bytes(Header(self.pair, tx.epoch, seq, kind))
-        return header + tx.tx.encrypt(tx.tx_salt + seq.to_bytes(8, "big"), packet, header)
+        counter = seq.to_bytes(8, "big")
+        header = tx.prefixes[kind] + counter
+        return header + tx.tx.encrypt(tx.tx_salt + counter, packet, header)
 
     def open(self, header: Header, frame: bytes) -> bytes | None:
         """The packet inside an authentic, fresh frame; None (counted) otherwise."""
@@ -152,8 +155,8 @@ class PairKeys:
             self.drops[Drop.REPLAYED] += 1
             return None
         try:
-            packet = ep.rx.decrypt(ep.rx_salt + header.seq.to_bytes(8, "big"),
-                                   frame[HEADER_LEN:], frame[:HEADER_LEN])
+            packet = ep.rx.decrypt(ep.rx_salt + frame[8:HEADER_LEN], frame[HEADER_LEN:],
+                                   frame[:HEADER_LEN])
         except InvalidTag:
             self.drops[Drop.AUTH_FAILED] += 1
             return None
