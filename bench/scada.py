@@ -1,6 +1,6 @@
 """Benchmark: the SCADA gateway's tunnel against the same namespaces path without it.
 
-The lab is `tests.gateways.scada.scadalab.ScadaLab`: control centre (cc) and two
+The lab is `gateways.scada.lab.ScadaLab`: control centre (cc) and two
 substations in network namespaces on one bridge, each with its KME and its
 `qgw gateway scada` (all three up, so the control centre serves two pairs).
 The PLC (`python -m apps.plc`) runs in sub1, the HMI and iperf3 clients in cc.
@@ -441,8 +441,8 @@ def _key_budget(intervals: list[float], fetched_per_s: float | None) -> dict[str
 
 
 def _lab(tmp: Path, keys: dict[str, Any]) -> tuple[Any, Any]:
-    from tests.gateways.scada.scadalab import ScadaLab
-    from tests.netlab import Lab
+    from gateways.scada.lab import ScadaLab
+    from qgw.netlab import Lab
 
     tmp.mkdir(parents=True, exist_ok=True)
     lab = Lab(tmp)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from qgw.netlab import Lab
 from qgw.pki import Pki
 from tests.harness import KmePair, make_pki
-from tests.netlab import Lab
 
 
 @pytest.fixture(scope="session")

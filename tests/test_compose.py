@@ -50,8 +50,8 @@ from apps import hmi, keysmoke, plc
 from gateways.scada.config import ScadaConfig
 from gateways.scada.modbus import Direction, ModbusFilter
 from qgw.config import load_model
+from qgw.netlab import Lab
 from qgw.pki import kme_dns_name
-from tests.netlab import Lab
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "compose.yaml"

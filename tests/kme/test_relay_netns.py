@@ -18,8 +18,8 @@ import pytest
 
 from kme.network import prepare
 from kme.topology import Topology
+from qgw.netlab import Lab
 from qgw.pki import kme_dns_name
-from tests.netlab import Lab
 
 NET = Topology.model_validate({
     "name": "chain",

@@ -1,6 +1,6 @@
 """The SCADA gateway on real TUN devices: HMI and PLC in separate sites, through the tunnel.
 
-Sites are network namespaces (tests/gateways/scada/scadalab.py): the control
+Sites are network namespaces (gateways/scada/lab.py): the control
 centre runs the HMI and its gateway, each substation a PLC and its gateway,
 every site its own KME; the tunnel's UDP crosses the lab's bridge, where a
 capture looks for Modbus in clear.
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateways.scada.scadalab import PY, ScadaLab
+from gateways.scada.lab import PY, ScadaLab
+from qgw.netlab import Lab
 from tests.netcapture import read_frames, udp_tcp_ports
-from tests.netlab import Lab
 
 # Reads anywhere; writes only to the breaker coils of CB1 and CB2 (coils 0-1), not CB3.
 POLICY = {"inbound": [{"functions": [1, 2, 3, 4]}, {"functions": [5, 15], "ranges": [[0, 1]]}]}
