@@ -4,7 +4,7 @@
     python -m apps.hmi --plc plc.local --operate CB2=open --count 5
 
 One poll is a fixed set of POLL_REQUESTS = 3 requests, sent one after the other
-on one connection (the register map is `apps.plc`'s):
+on one connection (the register map is `apps.substation`'s):
 
 1. read input registers 0..9 (FC 4): voltages, currents, frequency, power,
    transformer temperature, heartbeat;
@@ -42,7 +42,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections import Counter, deque
@@ -55,7 +54,9 @@ from pymodbus.exceptions import ConnectionException, ModbusException
 from pymodbus.framer import FramerSocket
 from pymodbus.pdu import ModbusPDU
 
-from apps.plc import (
+from apps._signals import stop_on_signals
+from apps.plc import AuditingFramer, int_in, mbap_frames, quiet_pymodbus_logging, seconds
+from apps.substation import (
     BREAKERS,
     CO_BREAKER,
     DI_BREAKER_POS,
@@ -63,12 +64,7 @@ from apps.plc import (
     DI_OVERCURRENT,
     IR_COUNT,
     IR_V,
-    AuditingFramer,
     Measurements,
-    int_in,
-    mbap_frames,
-    quiet_pymodbus_logging,
-    seconds,
 )
 
 EXIT_OK = 0
@@ -466,21 +462,14 @@ async def run_hmi(opts: HmiOptions, *, stop: asyncio.Event | None = None,
     poller = Poller(opts.host, opts.port, unit=opts.unit, timeout=opts.timeout,
                     reconnect_s=opts.reconnect, stats=stats,
                     on_event=lambda text: out.event("connection", text))
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    if handle_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-    try:
-        await poller.connect(opts.wait)
-        out.event("connection", f"connected to PLC {_hostport(opts.host, opts.port)} unit "
-                  f"{opts.unit}, polling {opts.rate:g}/s ({POLL_REQUESTS} requests a poll)")
-        await _poll_loop(opts, poller, stats, out, stop)
-    finally:
-        poller.close()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+    with stop_on_signals(stop, enabled=handle_signals):
+        try:
+            await poller.connect(opts.wait)
+            out.event("connection", f"connected to PLC {_hostport(opts.host, opts.port)} unit "
+                      f"{opts.unit}, polling {opts.rate:g}/s ({POLL_REQUESTS} requests a poll)")
+            await _poll_loop(opts, poller, stats, out, stop)
+        finally:
+            poller.close()
     out.event("summary", f"summary: {stats.summary_line()}", **stats.as_dict())
     return stats
 

@@ -100,7 +100,8 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
     from pymodbus.exceptions import ModbusException
 
     from apps.hmi import Poller, PollError
-    from apps.plc import IR_COUNT, IR_V, quiet_pymodbus_logging
+    from apps.plc import quiet_pymodbus_logging
+    from apps.substation import IR_COUNT, IR_V
 
     quiet_pymodbus_logging()
     poller = Poller(args.host, args.port, timeout=args.timeout)

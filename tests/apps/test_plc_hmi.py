@@ -1,4 +1,5 @@
-"""apps.plc and apps.hmi on 127.0.0.1: values, breakers, 100 polls/s, duplicates, failures, CLI."""
+"""apps.substation, apps.plc and apps.hmi on 127.0.0.1: values, breakers, 100 polls/s,
+duplicates, failures, CLI."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from typing import Any, TypeVar
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
-from apps import hmi, plc
+from apps import hmi, plc, substation
 from apps.hmi import HmiOptions, Poller, PollStats, run_hmi
-from apps.plc import Measurements, Plc, Substation
+from apps.plc import Plc
+from apps.substation import Measurements, Substation
 from tests.harness import Loop, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,12 +54,12 @@ def assert_plausible(m: Measurements) -> None:
 
 def test_docstring_register_map_is_the_code_map() -> None:
     rows = re.findall(r"^\| ([a-z ]+?) +\| (\d+) +\| (\w+) +\| (\d+) +\| (\w+) +\| (R/W|R) ",
-                      plc.__doc__ or "", re.MULTILINE)
+                      substation.__doc__ or "", re.MULTILINE)
     documented = [(t, int(a), n, int(s), u, acc == "R/W") for t, a, n, s, u, acc in rows]
-    in_code = [(p.table, p.address, p.name, p.scale, p.unit, p.writable)
-               for p in plc.REGISTER_MAP]
+    points = substation.REGISTER_MAP
+    in_code = [(p.table, p.address, p.name, p.scale, p.unit, p.writable) for p in points]
     assert documented == in_code
-    assert len({(p.table, p.address) for p in plc.REGISTER_MAP}) == len(plc.REGISTER_MAP)
+    assert len({(p.table, p.address) for p in points}) == len(points)
 
 
 def test_measurements_round_trip_and_clamp() -> None:
@@ -87,10 +89,10 @@ def test_model_drifts_within_bounds_and_breakers_follow() -> None:
     model.step(t + 0.1)
     assert not model.position[1] and model.measurements.currents[1] == 0.0
     assert model.discrete_inputs()[:3] == [True, False, True]
-    assert not model.write_holding(plc.HR_V_SETPOINT, 2600)
-    assert model.write_holding(plc.HR_I_LIMIT, 100)
+    assert not model.write_holding(substation.HR_V_SETPOINT, 2600)
+    assert model.write_holding(substation.HR_I_LIMIT, 100)
     model.step(t + 0.2)
-    assert model.discrete_inputs()[plc.DI_OVERCURRENT]  # feeder 1 carries > 10 A
+    assert model.discrete_inputs()[substation.DI_OVERCURRENT]  # feeder 1 carries > 10 A
 
 
 # ---- HMI against an in-process PLC --------------------------------------------------------
@@ -177,7 +179,7 @@ def test_100_polls_per_second_all_ok_and_counts_agree() -> None:
 
 
 def _read_input_adu(tid: int, unit: int = 1) -> bytes:
-    pdu = struct.pack(">BHH", 4, 0, plc.IR_COUNT)
+    pdu = struct.pack(">BHH", 4, 0, substation.IR_COUNT)
     return struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu
 
 
@@ -322,13 +324,13 @@ def test_setpoints_are_range_checked() -> None:
                                       reconnect_delay=0)
         try:
             assert await client.connect()
-            bad = await client.write_register(plc.HR_V_SETPOINT, 2600, device_id=1)
+            bad = await client.write_register(substation.HR_V_SETPOINT, 2600, device_id=1)
             assert bad.isError() and bad.exception_code == 3
-            good = await client.write_register(plc.HR_V_SETPOINT, 2400, device_id=1)
+            good = await client.write_register(substation.HR_V_SETPOINT, 2400, device_id=1)
             assert not good.isError()
-            regs = await client.read_holding_registers(0, count=plc.HR_COUNT, device_id=1)
+            regs = await client.read_holding_registers(0, count=substation.HR_COUNT, device_id=1)
             assert regs.registers == [2400, 2500]
-            outside = await client.read_coils(plc.BREAKERS, count=1, device_id=1)
+            outside = await client.read_coils(substation.BREAKERS, count=1, device_id=1)
             assert outside.isError() and outside.exception_code == 2
         finally:
             client.close()

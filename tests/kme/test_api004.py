@@ -17,36 +17,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import urllib3
 
 from kme.wire004 import Status, chunk_id
 from qgw.pki import Pki
 from qgw.tls import client_context
-from tests.harness import SAES, KmePair
+from tests.harness import KmePair
+from tests.kme.raw import Raw
+from tests.kme.raw import error as raw_error
 
 OPEN, GET, CLOSE = "/api/v2/004/open_connect", "/api/v2/004/get_key", "/api/v2/004/close"
 
 
-class Raw:
-    """One certificate talking raw HTTPS to one KME (closed with the KMEs)."""
+class Raw004(Raw):
+    """An SAE's raw client with the 004 calls (every one a POST)."""
 
-    def __init__(self, kmes: KmePair, sae: str, kme: str | None = None, *,
-                 files: Any = None) -> None:
-        port = kmes.ports[kme or SAES[sae]]
-        ctx = client_context(files or kmes.pki.sae_files(sae))
-        self.sae = sae
-        self.pool = urllib3.HTTPSConnectionPool("localhost", port, ssl_context=ctx,
-                                                retries=False, timeout=40)
-        kmes.on_close(self.pool.close)
+    TIMEOUT_S = 40.0  # a KME that does not answer fails the test rather than hangs it
 
-    def post(self, path: str, body: Any = None, raw: bytes | None = None,
-             method: str = "POST") -> tuple[int, Any]:
-        data = raw if raw is not None else json.dumps(body).encode()
-        r = self.pool.urlopen(method, path, body=data)
-        assert r.headers.get("Content-Type", "").startswith("application/json"), r.data[:200]
-        return r.status, json.loads(r.data)
+    def post(self, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+        return self.call("POST", path, body, raw)
 
-    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A 004 call that must get an HTTP 200 answer; returns the body."""
         code, answer = self.post(path, body)
         assert code == 200, answer
@@ -57,14 +47,14 @@ class Raw:
 
     def open(self, source: str, destination: str, ksid: str | None = None,
              **qos: Any) -> dict[str, Any]:
-        return self.call(OPEN, {"source": source, "destination": destination, "QoS": qos,
-                                "Key_stream_ID": ksid})
+        return self.answer(OPEN, {"source": source, "destination": destination, "QoS": qos,
+                                  "Key_stream_ID": ksid})
 
     def get(self, ksid: str, index: int | None = None, **extra: Any) -> dict[str, Any]:
         body: dict[str, Any] = {"Key_stream_ID": ksid, **extra}
         if index is not None:
             body["index"] = index
-        return self.call(GET, body)
+        return self.answer(GET, body)
 
 
 def key_of(answer: dict[str, Any]) -> bytes:
@@ -73,10 +63,10 @@ def key_of(answer: dict[str, Any]) -> bytes:
 
 
 def error(code_body: tuple[int, Any], code: int) -> str:
-    status, body = code_body
-    assert status == code, body
-    assert "status" not in body and isinstance(body.get("message"), str) and body["message"]
-    return str(body["message"])
+    """An HTTP error answer's message; it carries no 004 status."""
+    message = raw_error(code_body, code)
+    assert "status" not in code_body[1], code_body[1]
+    return message
 
 
 def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -87,17 +77,13 @@ def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
 
 
 @pytest.fixture
-def sae1(kmes: KmePair) -> Raw:
-    return Raw(kmes, "SAE_1")
+def sae_client() -> type[Raw]:
+    """`sae1` and `sae2` (tests/kme/conftest.py) with the 004 calls."""
+    return Raw004
 
 
 @pytest.fixture
-def sae2(kmes: KmePair) -> Raw:
-    return Raw(kmes, "SAE_2")
-
-
-@pytest.fixture
-def stream(sae1: Raw, sae2: Raw) -> str:
+def stream(sae1: Raw004, sae2: Raw004) -> str:
     """A stream SAE_1 -> SAE_2 open at both ends."""
     ksid = sae1.open("SAE_1", "SAE_2")["Key_stream_ID"]
     assert sae2.open("SAE_1", "SAE_2", ksid)["status"] == Status.SUCCESSFUL
@@ -106,7 +92,7 @@ def stream(sae1: Raw, sae2: Raw) -> str:
 
 # -- the stream: same chunk at both ends, once each -----------------------------------
 
-def test_open_fills_in_qos_and_both_ends_read_the_same_chunks(sae1: Raw, sae2: Raw) -> None:
+def test_open_fills_in_qos_and_both_ends_read_the_same_chunks(sae1: Raw004, sae2: Raw004) -> None:
     opened = sae1.open("SAE_1", "SAE_2")
     assert opened["status"] == Status.SUCCESSFUL  # chunk 0 is at KME_B already
     ksid = opened["Key_stream_ID"]
@@ -126,7 +112,7 @@ def test_open_fills_in_qos_and_both_ends_read_the_same_chunks(sae1: Raw, sae2: R
     assert key_of(answer) == key_of(sae1.get(ksid, 6))
 
 
-def test_metadata_names_the_chunk(sae1: Raw, stream: str) -> None:
+def test_metadata_names_the_chunk(sae1: Raw004, stream: str) -> None:
     answer = sae1.get(stream, 0)
     meta = answer["Metadata"]
     assert meta["Metadata_size"] == len(meta["Metadata_buffer"].encode())
@@ -136,7 +122,7 @@ def test_metadata_names_the_chunk(sae1: Raw, stream: str) -> None:
     assert chunk_id(stream, 0) == str(uuid.uuid5(uuid.UUID(stream), "0"))
 
 
-def test_each_chunk_is_handed_once_to_each_side(sae1: Raw, sae2: Raw, stream: str) -> None:
+def test_each_chunk_is_handed_once_to_each_side(sae1: Raw004, sae2: Raw004, stream: str) -> None:
     assert key_of(sae1.get(stream, 0)) == key_of(sae2.get(stream, 0))
     for sae in (sae1, sae2):
         again = sae.get(stream, 0)
@@ -144,7 +130,8 @@ def test_each_chunk_is_handed_once_to_each_side(sae1: Raw, sae2: Raw, stream: st
         assert "already" in again["message"] and "key_buffer" not in again
 
 
-def test_destination_first_is_not_connected_until_the_source_opens(sae1: Raw, sae2: Raw) -> None:
+def test_destination_first_is_not_connected_until_the_source_opens(sae1: Raw004,
+                                                                   sae2: Raw004) -> None:
     ksid = str(uuid.uuid4())
     opened = sae2.open("SAE_1", "SAE_2", ksid, Timeout=200)
     assert opened["status"] == Status.PEER_NOT_CONNECTED and opened["Key_stream_ID"] == ksid
@@ -156,14 +143,14 @@ def test_destination_first_is_not_connected_until_the_source_opens(sae1: Raw, sa
     assert key_of(sae2.get(ksid, 0)) == key_of(sae1.get(ksid, 0))
 
 
-def test_destination_waits_for_a_chunk_the_source_has_not_read(sae1: Raw, sae2: Raw) -> None:
+def test_destination_waits_for_a_chunk_the_source_has_not_read(sae1: Raw004, sae2: Raw004) -> None:
     ksid = sae1.open("SAE_1", "SAE_2")["Key_stream_ID"]
     sae2.open("SAE_1", "SAE_2", ksid, Timeout=3000)
     sae1.get(ksid, 9)  # made on demand now, while...
     assert key_of(sae2.get(ksid, 10))  # ... chunk 10 is made ahead of the source's reads
 
 
-def test_chunk_that_does_not_come_is_a_timeout(sae1: Raw, sae2: Raw, stream: str) -> None:
+def test_chunk_that_does_not_come_is_a_timeout(sae1: Raw004, sae2: Raw004, stream: str) -> None:
     started = time.monotonic()
     answer = sae2.get(stream, 500)  # the source connected, but never read near 500
     assert answer["status"] == Status.TIMEOUT_ERROR and answer["index"] == 500
@@ -171,7 +158,7 @@ def test_chunk_that_does_not_come_is_a_timeout(sae1: Raw, sae2: Raw, stream: str
     assert key_of(sae2.get(stream, 0))  # the stream still works
 
 
-def test_max_bps_paces_the_producer(sae1: Raw, sae2: Raw) -> None:
+def test_max_bps_paces_the_producer(sae1: Raw004, sae2: Raw004) -> None:
     # 256 bit/s with 32-byte chunks: one chunk a second; chunk 0 is made at OPEN_CONNECT.
     opened = sae1.open("SAE_1", "SAE_2", Max_bps=256, Timeout=100)
     ksid = opened["Key_stream_ID"]
@@ -182,7 +169,7 @@ def test_max_bps_paces_the_producer(sae1: Raw, sae2: Raw) -> None:
     wait_until(lambda: sae1.get(ksid, 1)["status"] == Status.SUCCESSFUL, 5.0)
 
 
-def test_metadata_buffer_too_small(sae1: Raw, stream: str) -> None:
+def test_metadata_buffer_too_small(sae1: Raw004, stream: str) -> None:
     short = sae1.get(stream, 0, Metadata={"Metadata_size": 10})
     assert short["status"] == Status.METADATA_SIZE_INSUFFICIENT and "key_buffer" not in short
     need = short["Metadata"]["Metadata_size"]
@@ -194,15 +181,15 @@ def test_metadata_buffer_too_small(sae1: Raw, stream: str) -> None:
 
 # -- opening --------------------------------------------------------------------------
 
-def test_ksid_in_use(kmes: KmePair, sae1: Raw, sae2: Raw, stream: str) -> None:
+def test_ksid_in_use(kmes: KmePair, sae1: Raw004, sae2: Raw004, stream: str) -> None:
     for sae, source, dest in ((sae1, "SAE_1", "SAE_2"), (sae2, "SAE_1", "SAE_2")):
         again = sae.open(source, dest, stream)
         assert again["status"] == Status.KSID_IN_USE and again["Key_stream_ID"] == stream
     # another SAE of the same KME cannot take it either (chunk key_IDs must not collide)
-    sae4 = Raw(kmes, "SAE_4")
+    sae4 = Raw004(kmes, "SAE_4")
     assert sae4.open("SAE_4", "SAE_3", stream)["status"] == Status.KSID_IN_USE
     # nor can it be opened again after CLOSE
-    assert sae1.call(CLOSE, {"Key_stream_ID": stream})["status"] == Status.SUCCESSFUL
+    assert sae1.answer(CLOSE, {"Key_stream_ID": stream})["status"] == Status.SUCCESSFUL
     assert sae1.open("SAE_1", "SAE_2", stream)["status"] == Status.KSID_IN_USE
 
 
@@ -215,7 +202,7 @@ def test_ksid_in_use(kmes: KmePair, sae1: Raw, sae2: Raw, stream: str) -> None:
     ({"TTL": 0}, {"TTL": 1}),
     ({"Metadata_mimetype": "text/plain"}, {"Metadata_mimetype": "application/json"}),
 ])
-def test_qos_not_met_gives_a_counter_proposal(sae1: Raw, asked: dict[str, Any],
+def test_qos_not_met_gives_a_counter_proposal(sae1: Raw004, asked: dict[str, Any],
                                               offered: dict[str, Any]) -> None:
     answer = sae1.open("SAE_1", "SAE_2", **asked)
     assert answer["status"] == Status.QOS_NOT_MET
@@ -231,11 +218,11 @@ def test_qos_not_met_gives_a_counter_proposal(sae1: Raw, asked: dict[str, Any],
     ("SAE_3", "SAE_9", "SAE_3"),   # the destination's side of the same
 ])
 def test_no_qkd_connection(kmes: KmePair, sae: str, source: str, destination: str) -> None:
-    answer = Raw(kmes, sae).open(source, destination, str(uuid.uuid4()))
+    answer = Raw004(kmes, sae).open(source, destination, str(uuid.uuid4()))
     assert answer["status"] == Status.NO_QKD_CONNECTION
 
 
-def test_peer_kme_down_is_no_qkd_connection(kmes: KmePair, sae1: Raw, stream: str) -> None:
+def test_peer_kme_down_is_no_qkd_connection(kmes: KmePair, sae1: Raw004, stream: str) -> None:
     assert key_of(sae1.get(stream, 0))
     kmes.stop("KME_B")
     assert sae1.get(stream, 40)["status"] == Status.NO_QKD_CONNECTION
@@ -245,7 +232,7 @@ def test_peer_kme_down_is_no_qkd_connection(kmes: KmePair, sae1: Raw, stream: st
 def test_link_without_key(tmp_path: Path, pki: Pki) -> None:
     pair = KmePair(tmp_path, pki, rate_bps=0).start()
     try:
-        sae1, sae2 = Raw(pair, "SAE_1"), Raw(pair, "SAE_2")
+        sae1, sae2 = Raw004(pair, "SAE_1"), Raw004(pair, "SAE_2")
         links = [pair.servers[a].kme.links[b] for a, b in (("KME_A", "KME_B"), ("KME_B", "KME_A"))]
         wait_until(lambda: all(link.up for link in links))
         # open, but chunk 0 could not be placed at KME_B: the peer is not connected
@@ -261,28 +248,29 @@ def test_link_without_key(tmp_path: Path, pki: Pki) -> None:
 
 # -- CLOSE and TTL --------------------------------------------------------------------
 
-def test_close_ends_the_stream_at_this_kme_only(sae1: Raw, sae2: Raw, stream: str) -> None:
+def test_close_ends_the_stream_at_this_kme_only(sae1: Raw004, sae2: Raw004, stream: str) -> None:
     first = key_of(sae1.get(stream, 0))
-    assert sae1.call(CLOSE, {"Key_stream_ID": stream}) == {"status": 0}
+    assert sae1.answer(CLOSE, {"Key_stream_ID": stream}) == {"status": 0}
     error(sae1.post(GET, {"Key_stream_ID": stream}), 400)
     error(sae1.post(CLOSE, {"Key_stream_ID": stream}), 400)
     # The destination still reads what was made before the source closed.
     assert key_of(sae2.get(stream, 0)) == first
-    assert sae2.call(CLOSE, {"Key_stream_ID": stream})["status"] == Status.SUCCESSFUL
+    assert sae2.answer(CLOSE, {"Key_stream_ID": stream})["status"] == Status.SUCCESSFUL
 
 
-def test_close_discards_unread_chunks(kmes: KmePair, sae1: Raw, sae2: Raw, stream: str) -> None:
+def test_close_discards_unread_chunks(kmes: KmePair, sae1: Raw004, sae2: Raw004,
+                                      stream: str) -> None:
     store_b = kmes.servers["KME_B"].kme.store
     wait_until(lambda: store_b.key_record(chunk_id(stream, 3)) is not None)  # made ahead
-    sae2.call(CLOSE, {"Key_stream_ID": stream})
+    sae2.answer(CLOSE, {"Key_stream_ID": stream})
     assert all(store_b.key_record(chunk_id(stream, i)) is None for i in range(8))
     store_a = kmes.servers["KME_A"].kme.store
     assert store_a.key_record(chunk_id(stream, 0)) is not None
-    sae1.call(CLOSE, {"Key_stream_ID": stream})
+    sae1.answer(CLOSE, {"Key_stream_ID": stream})
     assert all(store_a.key_record(chunk_id(stream, i)) is None for i in range(8))
 
 
-def test_stream_unused_for_its_ttl_is_closed(sae1: Raw) -> None:
+def test_stream_unused_for_its_ttl_is_closed(sae1: Raw004) -> None:
     ksid = sae1.open("SAE_1", "SAE_2", TTL=1)["Key_stream_ID"]
     assert key_of(sae1.get(ksid))
     time.sleep(1.1)
@@ -293,7 +281,7 @@ def test_stream_unused_for_its_ttl_is_closed(sae1: Raw) -> None:
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"[1]", b"null", b"\xff", b'"x"'])
 @pytest.mark.parametrize("path", [OPEN, GET, CLOSE])
-def test_malformed_json_is_400(sae1: Raw, path: str, raw: bytes) -> None:
+def test_malformed_json_is_400(sae1: Raw004, path: str, raw: bytes) -> None:
     error(sae1.post(path, raw=raw), 400)
 
 
@@ -309,11 +297,11 @@ def test_malformed_json_is_400(sae1: Raw, path: str, raw: bytes) -> None:
     {"source": "SAE_1", "destination": "SAE_404"},
     {"source": "SAE_1", "destination": "SAE_1"},
 ])
-def test_open_connect_bad_bodies(sae1: Raw, body: dict[str, Any]) -> None:
+def test_open_connect_bad_bodies(sae1: Raw004, body: dict[str, Any]) -> None:
     error(sae1.post(OPEN, body), 400)
 
 
-def test_destination_must_name_the_stream(sae2: Raw) -> None:
+def test_destination_must_name_the_stream(sae2: Raw004) -> None:
     msg = error(sae2.post(OPEN, {"source": "SAE_1", "destination": "SAE_2"}), 400)
     assert "Key_stream_ID" in msg
 
@@ -322,46 +310,46 @@ def test_destination_must_name_the_stream(sae2: Raw) -> None:
     {"index": -1}, {"index": "0"}, {"index": 1.5}, {"index": 2**32},
     {"Metadata": "big"}, {"Metadata": {"Metadata_size": -5}},
 ])
-def test_get_key_bad_bodies(sae1: Raw, stream: str, extra: dict[str, Any]) -> None:
+def test_get_key_bad_bodies(sae1: Raw004, stream: str, extra: dict[str, Any]) -> None:
     error(sae1.post(GET, {"Key_stream_ID": stream} | extra), 400)
     assert key_of(sae1.get(stream, 0))  # nothing was taken
 
 
 @pytest.mark.parametrize("body", [{}, {"Key_stream_ID": "x"}, {"Key_stream_ID": 5},
                                   {"Key_stream_ID": str(uuid.uuid4())}])
-def test_get_key_and_close_need_an_open_stream(sae1: Raw, body: dict[str, Any]) -> None:
+def test_get_key_and_close_need_an_open_stream(sae1: Raw004, body: dict[str, Any]) -> None:
     error(sae1.post(GET, body), 400)
     error(sae1.post(CLOSE, body), 400)
 
 
-def test_wrong_certificates_get_401(kmes: KmePair, pki: Pki, sae1: Raw, stream: str) -> None:
+def test_wrong_certificates_get_401(kmes: KmePair, pki: Pki, sae1: Raw004, stream: str) -> None:
     # SAE_3 is at KME_B but is neither end of the stream it names
-    msg = error(Raw(kmes, "SAE_3").post(OPEN, {"source": "SAE_1", "destination": "SAE_2",
-                                               "Key_stream_ID": str(uuid.uuid4())}), 401)
+    msg = error(Raw004(kmes, "SAE_3").post(OPEN, {"source": "SAE_1", "destination": "SAE_2",
+                                                  "Key_stream_ID": str(uuid.uuid4())}), 401)
     assert "SAE_3" in msg
     # SAE_2's certificate at SAE_1's KME
-    error(Raw(kmes, "SAE_2", "KME_A").post(OPEN, {"source": "SAE_1", "destination": "SAE_2"}),
+    error(Raw004(kmes, "SAE_2", "KME_A").post(OPEN, {"source": "SAE_1", "destination": "SAE_2"}),
           401)
     # another SAE of the same KME cannot read or close SAE_1's stream
-    sae4 = Raw(kmes, "SAE_4")
+    sae4 = Raw004(kmes, "SAE_4")
     error(sae4.post(GET, {"Key_stream_ID": stream, "index": 0}), 401)
     error(sae4.post(CLOSE, {"Key_stream_ID": stream}), 401)
     # a KME certificate is no SAE
-    kme_b = Raw(kmes, "SAE_1", files=pki.kme_files("KME_B"))
+    kme_b = Raw004(kmes, "SAE_1", ctx=client_context(pki.kme_files("KME_B")))
     error(kme_b.post(OPEN, {"source": "SAE_1", "destination": "SAE_2"}), 401)
     # and after all that, SAE_1 still gets chunk 0
     assert key_of(sae1.get(stream, 0))
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
-def test_other_methods_are_json_405(sae1: Raw, method: str) -> None:
-    error(sae1.post(GET, raw=b"", method=method), 405)
+def test_other_methods_are_json_405(sae1: Raw004, method: str) -> None:
+    error(sae1.call(method, GET, raw=b""), 405)
 
 
 # -- secrecy and documentation ----------------------------------------------------------
 
 def test_keys_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture, kmes: KmePair,
-                                         sae1: Raw, sae2: Raw) -> None:
+                                         sae1: Raw004, sae2: Raw004) -> None:
     caplog.set_level(logging.DEBUG)
     ksid = sae1.open("SAE_1", "SAE_2")["Key_stream_ID"]
     sae2.open("SAE_1", "SAE_2", ksid, Timeout=100)
@@ -376,8 +364,8 @@ def test_keys_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture, kmes:
         assert base64.b64encode(k).decode() not in text and k.hex() not in text
 
 
-def test_openapi_documents_the_004_paths(kmes: KmePair, sae1: Raw) -> None:
-    code, doc = sae1.post("/api/v1/openapi.json", method="GET", raw=b"")
+def test_openapi_documents_the_004_paths(kmes: KmePair, sae1: Raw004) -> None:
+    code, doc = sae1.call("GET", "/api/v1/openapi.json", raw=b"")
     assert code == 200
     for path in (OPEN, GET, CLOSE):
         op = doc["paths"][path]["post"]

@@ -18,40 +18,12 @@ import urllib3
 from qgw.pki import Pki
 from qgw.tls import client_context
 from tests.harness import KmePair
+from tests.kme.raw import Raw, error
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 STATUS_FIELDS = {"source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID", "key_size",
                  "stored_key_count", "max_key_count", "max_key_per_request", "max_key_size",
                  "min_key_size", "max_SAE_ID_count"}
-
-
-class Raw:
-    """One SAE talking raw HTTPS to its KME (closed with the KMEs)."""
-
-    def __init__(self, kmes: KmePair, sae: str, kme: str | None = None) -> None:
-        from tests.harness import SAES
-        files = kmes.pki.sae_files(sae)
-        port = kmes.ports[kme or SAES[sae]]
-        self.pool = urllib3.HTTPSConnectionPool("localhost", port,
-                                                ssl_context=client_context(files), retries=False)
-        kmes.on_close(self.pool.close)
-
-    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        r = self.pool.urlopen(method, path, body=data, headers=headers or {})
-        assert r.headers.get("Content-Type", "").startswith("application/json"), r.data[:200]
-        return r.status, json.loads(r.data)
-
-
-@pytest.fixture
-def sae1(kmes: KmePair) -> Raw:
-    return Raw(kmes, "SAE_1")
-
-
-@pytest.fixture
-def sae2(kmes: KmePair) -> Raw:
-    return Raw(kmes, "SAE_2")
 
 
 @pytest.fixture
@@ -66,13 +38,6 @@ def keys_of(body: dict[str, Any]) -> dict[str, bytes]:
         assert UUID_RE.match(k["key_ID"])
         out[k["key_ID"]] = base64.b64decode(k["key"], validate=True)
     return out
-
-
-def error(status_body: tuple[int, Any], code: int) -> str:
-    status, body = status_body
-    assert status == code, body
-    assert isinstance(body, dict) and isinstance(body.get("message"), str) and body["message"]
-    return body["message"]
 
 
 # -- status ----------------------------------------------------------------------------

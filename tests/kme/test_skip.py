@@ -22,47 +22,14 @@ import urllib3
 import kme.server
 from qgw.pki import Pki
 from qgw.tls import client_context
-from tests.harness import SAES, KmePair
+from tests.harness import KmePair
+from tests.kme.raw import Raw, error
 
 HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
 HEX = re.compile(r"^(?:[0-9a-f]{2})+\Z")
 ANY_ID = "0123456789abcdef0123456789abcdef"
 CAPABILITY_FIELDS = {"entropy", "key", "algorithm", "localSystemID", "remoteSystemID"}
 DOCUMENT = schemathesis.openapi.from_path(Path(kme.server.__file__).with_name("openapi.yaml"))
-
-
-class Raw:
-    """One client talking raw HTTPS to a KME (closed with the KMEs)."""
-
-    def __init__(self, kmes: KmePair, sae: str, kme: str | None = None,
-                 ctx: ssl.SSLContext | None = None) -> None:
-        port = kmes.ports[kme or SAES[sae]]
-        ctx = ctx or client_context(kmes.pki.sae_files(sae))
-        self.pool = urllib3.HTTPSConnectionPool("localhost", port, ssl_context=ctx,
-                                                retries=False)
-        kmes.on_close(self.pool.close)
-
-    def call(self, path: str, method: str = "GET") -> tuple[int, Any]:
-        r = self.pool.urlopen(method, path)
-        assert r.headers.get("Content-Type", "").startswith("application/json"), r.data[:200]
-        return r.status, json.loads(r.data)
-
-
-@pytest.fixture
-def sae1(kmes: KmePair) -> Raw:
-    return Raw(kmes, "SAE_1")
-
-
-@pytest.fixture
-def sae2(kmes: KmePair) -> Raw:
-    return Raw(kmes, "SAE_2")
-
-
-def error(status_body: tuple[int, Any], code: int) -> str:
-    status, body = status_body
-    assert status == code, body
-    assert isinstance(body, dict) and isinstance(body.get("message"), str) and body["message"]
-    return str(body["message"])
 
 
 def documented(path: str, status: int, body: Any) -> None:
@@ -75,7 +42,7 @@ def documented(path: str, status: int, body: Any) -> None:
 
 
 def new_key(sae: Raw, remote: str = "SAE_2", query: str = "") -> tuple[str, str]:
-    status, body = sae.call(f"/key?remoteSystemID={remote}{query}")
+    status, body = sae.call("GET", f"/key?remoteSystemID={remote}{query}")
     assert status == 200, body
     assert set(body) == {"keyId", "key"}
     assert HEX32.match(body["keyId"]) and HEX.match(body["key"])
@@ -85,7 +52,7 @@ def new_key(sae: Raw, remote: str = "SAE_2", query: str = "") -> tuple[str, str]
 # -- capabilities ------------------------------------------------------------------------
 
 def test_capabilities_name_the_caller_and_the_remote_encryptors(sae1: Raw, sae2: Raw) -> None:
-    status, body = sae1.call("/capabilities")
+    status, body = sae1.call("GET", "/capabilities")
     assert status == 200 and set(body) == CAPABILITY_FIELDS
     assert body["entropy"] is True and body["key"] is True
     assert body["localSystemID"] == "SAE_1"
@@ -93,13 +60,13 @@ def test_capabilities_name_the_caller_and_the_remote_encryptors(sae1: Raw, sae2:
     assert body["remoteSystemID"] == ["SAE_2", "SAE_3", "SAE_9"]
     assert isinstance(body["algorithm"], str) and body["algorithm"].startswith("TLS")
     documented("/capabilities", status, body)
-    status, body = sae2.call("/capabilities")
+    status, body = sae2.call("GET", "/capabilities")
     assert status == 200 and body["localSystemID"] == "SAE_2"
     assert body["remoteSystemID"] == ["SAE_1", "SAE_4", "SAE_9"]
 
 
 def test_document_is_served_with_the_skip_paths(sae1: Raw) -> None:
-    status, doc = sae1.call("/api/v1/openapi.json")
+    status, doc = sae1.call("GET", "/api/v1/openapi.json")
     assert status == 200
     assert {"/capabilities", "/key", "/key/{keyId}", "/entropy"} <= set(doc["paths"])
     assert "PSK" in doc["paths"]["/capabilities"]["get"]["description"]
@@ -111,11 +78,11 @@ def test_initiator_and_responder_get_the_same_key_once(sae1: Raw, sae2: Raw) -> 
     key_id, key = new_key(sae1)
     assert len(key) == 64  # the KME's default key_size, 256 bits
     documented("/key", 200, {"keyId": key_id, "key": key})
-    status, body = sae2.call(f"/key/{key_id}?remoteSystemID=SAE_1")
+    status, body = sae2.call("GET", f"/key/{key_id}?remoteSystemID=SAE_1")
     assert status == 200 and body == {"keyId": key_id, "key": key}
     documented("/key/{keyId}", status, body)
     # Deleted once fetched.
-    msg = error(sae2.call(f"/key/{key_id}?remoteSystemID=SAE_1"), 400)
+    msg = error(sae2.call("GET", f"/key/{key_id}?remoteSystemID=SAE_1"), 400)
     assert key_id in msg
 
 
@@ -128,20 +95,20 @@ def test_every_key_is_new(sae1: Raw) -> None:
 def test_key_size_is_in_bits(sae1: Raw, sae2: Raw, bits: int) -> None:
     key_id, key = new_key(sae1, query=f"&size={bits}")
     assert len(key) * 4 == bits
-    status, body = sae2.call(f"/key/{key_id}?remoteSystemID=SAE_1")
+    status, body = sae2.call("GET", f"/key/{key_id}?remoteSystemID=SAE_1")
     assert status == 200 and body["key"] == key
 
 
 @pytest.mark.parametrize("size", ["0", "-8", "abc", "100", "56", "8200", "", "1e3", "256%0A",
                                   "256&size=256"])
 def test_bad_size_is_400(sae1: Raw, size: str) -> None:
-    msg = error(sae1.call(f"/key?remoteSystemID=SAE_2&size={size}"), 400)
+    msg = error(sae1.call("GET", f"/key?remoteSystemID=SAE_2&size={size}"), 400)
     assert "size" in msg
 
 
 def test_uppercase_key_id_is_the_same_key(sae1: Raw, sae2: Raw) -> None:
     key_id, key = new_key(sae1)
-    status, body = sae2.call(f"/key/{key_id.upper()}?remoteSystemID=SAE_1")
+    status, body = sae2.call("GET", f"/key/{key_id.upper()}?remoteSystemID=SAE_1")
     assert status == 200 and body == {"keyId": key_id, "key": key}
 
 
@@ -150,30 +117,30 @@ def test_uppercase_key_id_is_the_same_key(sae1: Raw, sae2: Raw) -> None:
     f"urn:uuid:{ANY_ID}", f"%20{ANY_ID}", f"{ANY_ID}%0A", f"0x{ANY_ID[2:]}",
 ])
 def test_malformed_key_id_is_400(sae2: Raw, key_id: str) -> None:
-    msg = error(sae2.call(f"/key/{key_id}?remoteSystemID=SAE_1"), 400)
+    msg = error(sae2.call("GET", f"/key/{key_id}?remoteSystemID=SAE_1"), 400)
     assert "keyId" in msg
 
 
 def test_unknown_key_id_is_400(sae2: Raw) -> None:
     key_id = uuid.uuid4().hex
-    msg = error(sae2.call(f"/key/{key_id}?remoteSystemID=SAE_1"), 400)
+    msg = error(sae2.call("GET", f"/key/{key_id}?remoteSystemID=SAE_1"), 400)
     assert f"unknown keyId {key_id}" in msg
 
 
 def test_only_the_named_pair_gets_the_key(kmes: KmePair, sae1: Raw, sae2: Raw) -> None:
     key_id, key = new_key(sae1)
     sae3 = Raw(kmes, "SAE_3")  # at KME_B as well, but not the key's responder
-    msg = error(sae3.call(f"/key/{key_id}?remoteSystemID=SAE_1"), 400)
+    msg = error(sae3.call("GET", f"/key/{key_id}?remoteSystemID=SAE_1"), 400)
     assert "SAE_3" in msg
-    error(sae2.call(f"/key/{key_id}?remoteSystemID=SAE_4"), 400)  # wrong initiator named
+    error(sae2.call("GET", f"/key/{key_id}?remoteSystemID=SAE_4"), 400)  # wrong initiator named
     # Neither attempt used the key up.
-    status, body = sae2.call(f"/key/{key_id}?remoteSystemID=SAE_1")
+    status, body = sae2.call("GET", f"/key/{key_id}?remoteSystemID=SAE_1")
     assert status == 200 and body["key"] == key
 
 
 def test_initiator_cannot_fetch_its_key_by_id(sae1: Raw) -> None:
     key_id, _ = new_key(sae1)
-    error(sae1.call(f"/key/{key_id}?remoteSystemID=SAE_2"), 400)
+    error(sae1.call("GET", f"/key/{key_id}?remoteSystemID=SAE_2"), 400)
 
 
 @pytest.mark.parametrize("query, fragment", [
@@ -183,16 +150,16 @@ def test_initiator_cannot_fetch_its_key_by_id(sae1: Raw) -> None:
     ("remoteSystemID=SAE_2&remoteSystemID=SAE_3", "more than once"),
 ])
 def test_bad_remote_system_id_is_400(sae1: Raw, query: str, fragment: str) -> None:
-    msg = error(sae1.call(f"/key?{query}"), 400)
+    msg = error(sae1.call("GET", f"/key?{query}"), 400)
     assert fragment in msg and "remoteSystemID" in msg
-    msg = error(sae1.call(f"/key/{uuid.uuid4().hex}?{query}"), 400)
+    msg = error(sae1.call("GET", f"/key/{uuid.uuid4().hex}?{query}"), 400)
     assert fragment in msg
 
 
 # -- no key ------------------------------------------------------------------------------
 
 def test_kme_without_a_path_to_the_remote_answers_503(sae1: Raw) -> None:
-    msg = error(sae1.call("/key?remoteSystemID=SAE_9"), 503)  # KME_C: no link, no relay
+    msg = error(sae1.call("GET", "/key?remoteSystemID=SAE_9"), 503)  # KME_C: no link, no relay
     assert "KME_C" in msg
 
 
@@ -200,7 +167,7 @@ def test_link_without_key_answers_503(tmp_path: Path, pki: Pki) -> None:
     pair = KmePair(tmp_path, pki, rate_bps=0).start()
     try:
         for sae, remote in (("SAE_1", "SAE_2"), ("SAE_2", "SAE_1")):  # both ends of the link
-            msg = error(Raw(pair, sae).call(f"/key?remoteSystemID={remote}"), 503)
+            msg = error(Raw(pair, sae).call("GET", f"/key?remoteSystemID={remote}"), 503)
             assert "key" in msg
     finally:
         pair.close()
@@ -211,14 +178,14 @@ def test_more_than_the_link_holds_is_503_and_takes_nothing(tmp_path: Path, pki: 
     try:
         pair.wait_for_keys(4)
         sae1, sae2 = Raw(pair, "SAE_1"), Raw(pair, "SAE_2")
-        status, body = sae1.call("/key?remoteSystemID=SAE_2&size=2048")
+        status, body = sae1.call("GET", "/key?remoteSystemID=SAE_2&size=2048")
         error((status, body), 503)
         (details,) = body["details"]
         assert details["requested_bits"] == 2048 and details["available_bits"] < 2048
         # The refused request took nothing: the whole store still makes four keys.
         for _ in range(4):
             key_id, key = new_key(sae1)
-            status, body = sae2.call(f"/key/{key_id}?remoteSystemID=SAE_1")
+            status, body = sae2.call("GET", f"/key/{key_id}?remoteSystemID=SAE_1")
             assert status == 200 and body["key"] == key
     finally:
         pair.close()
@@ -229,7 +196,7 @@ def test_more_than_the_link_holds_is_503_and_takes_nothing(tmp_path: Path, pki: 
 @pytest.mark.parametrize("query, bits", [("", 256), ("?minentropy=8", 8),
                                          ("?minentropy=128", 128), ("?minentropy=8192", 8192)])
 def test_entropy_has_the_asked_length(sae1: Raw, query: str, bits: int) -> None:
-    status, body = sae1.call("/entropy" + query)
+    status, body = sae1.call("GET", "/entropy" + query)
     assert status == 200 and set(body) == {"randomStr", "minentropy"}
     assert body["minentropy"] == bits
     assert HEX.match(body["randomStr"]) and len(body["randomStr"]) * 4 == bits
@@ -237,13 +204,13 @@ def test_entropy_has_the_asked_length(sae1: Raw, query: str, bits: int) -> None:
 
 
 def test_entropy_is_fresh(sae2: Raw) -> None:
-    answers = {sae2.call("/entropy")[1]["randomStr"] for _ in range(3)}
+    answers = {sae2.call("GET", "/entropy")[1]["randomStr"] for _ in range(3)}
     assert len(answers) == 3
 
 
 @pytest.mark.parametrize("value", ["0", "7", "12", "-8", "abc", "", "8200", "100000000"])
 def test_bad_minentropy_is_400(sae1: Raw, value: str) -> None:
-    msg = error(sae1.call(f"/entropy?minentropy={value}"), 400)
+    msg = error(sae1.call("GET", f"/entropy?minentropy={value}"), 400)
     assert "minentropy" in msg
 
 
@@ -278,9 +245,9 @@ def test_head_is_405_and_makes_no_key(kmes: KmePair, sae1: Raw) -> None:
 def test_certificate_that_is_not_this_kmes_sae_gets_401(kmes: KmePair, pki: Pki,
                                                          path: str) -> None:
     kme_cert = Raw(kmes, "KME_B", kme="KME_A", ctx=client_context(pki.kme_files("KME_B")))
-    error(kme_cert.call(path), 401)
+    error(kme_cert.call("GET", path), 401)
     other_sae = Raw(kmes, "SAE_2", kme="KME_A")  # a valid SAE certificate, of KME_B
-    assert "SAE_2" in error(other_sae.call(path), 401)
+    assert "SAE_2" in error(other_sae.call("GET", path), 401)
 
 
 def test_certificate_from_another_ca_fails_the_handshake(kmes: KmePair,
@@ -291,7 +258,7 @@ def test_certificate_from_another_ca_fails_the_handshake(kmes: KmePair,
     ctx.load_cert_chain(str(files.cert), str(files.key))
     intruder = Raw(kmes, "SAE_1", ctx=ctx)
     with pytest.raises((urllib3.exceptions.SSLError, urllib3.exceptions.ProtocolError)):
-        intruder.call("/capabilities")
+        intruder.call("GET", "/capabilities")
 
 
 # -- secrecy -----------------------------------------------------------------------------
@@ -300,12 +267,12 @@ def test_keys_never_reach_logs_or_errors(sae1: Raw, sae2: Raw,
                                          caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     key_id, key = new_key(sae1)
-    _, random = sae1.call("/entropy")
-    status, _ = sae2.call(f"/key/{key_id}?remoteSystemID=SAE_1")
+    _, random = sae1.call("GET", "/entropy")
+    status, _ = sae2.call("GET", f"/key/{key_id}?remoteSystemID=SAE_1")
     assert status == 200
-    errors = [sae2.call(f"/key/{key_id}?remoteSystemID=SAE_1"),
-              sae2.call(f"/key/{key_id}?remoteSystemID=SAE_4"),
-              sae1.call(f"/key/{key_id}?remoteSystemID=SAE_2")]
+    errors = [sae2.call("GET", f"/key/{key_id}?remoteSystemID=SAE_1"),
+              sae2.call("GET", f"/key/{key_id}?remoteSystemID=SAE_4"),
+              sae1.call("GET", f"/key/{key_id}?remoteSystemID=SAE_2")]
     assert key_id in caplog.text  # the KME's log lines do reach the check
     material = bytes.fromhex(key)
     for secret in (key, key.upper(), random["randomStr"], repr(material),
