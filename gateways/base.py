@@ -30,6 +30,7 @@ ENTRY_POINT_GROUP = "qkdgw.gateways"
 # name -> "module:Class"; filled as gateways land (ipsec, scada, webrtc, ledger, opot).
 BUILTIN: dict[str, str] = {
     "scada": "gateways.scada.gateway:ScadaGateway",
+    "opot": "gateways.opot.gateway:OpotGateway",
 }
 
 

@@ -12,12 +12,12 @@ import pytest
 
 
 @pytest.mark.netns
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_qgw_demo_runs_and_reports_kpis(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "qgw", "demo", "--rekeys", "3", "--interval", "0.5",
          "--state", str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=200, env=dict(os.environ, COLUMNS="160"),
+        capture_output=True, text=True, timeout=330, env=dict(os.environ, COLUMNS="160"),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -35,13 +35,17 @@ def test_qgw_demo_runs_and_reports_kpis(tmp_path: Path) -> None:
     assert "refused, connection reset" in out
     rekeys = re.search(r"1 s \((\d+) rekeys during the polls\)", out)
     assert rekeys and int(rekeys.group(1)) >= 5, out
+    assert "OPoT: ordered proof of transit" in out, out
+    opot = re.search(r"verified at the egress\s*│[^│]*│\s*(\d+) / (\d+) / (\d+)", out)
+    assert opot and opot.group(1) == opot.group(2) and int(opot.group(3)) >= int(opot.group(1))
+    assert re.search(r"proofs rejected \(false rejections\)\s*│[^│]*│\s*0\s", out), out
 
 
 def test_demo_without_the_scada_step_says_how_to_run_it(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "qgw", "demo", "--rekeys", "1", "--interval", "0.5",
-         "--no-scada", "--state", str(tmp_path / "demo")],
+         "--no-gateways", "--state", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="160"),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SCADA gateway step not run (--no-scada)" in proc.stdout
+    assert "SCADA gateway step not run (--no-gateways)" in proc.stdout

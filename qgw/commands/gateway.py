@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -41,19 +42,50 @@ def scada(
 
     logs.setup(log_level)
     with friendly_errors():
-        gw = ScadaGateway(load(config))
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        gw.open()
-        try:
-            while not stop.wait(status_every or None):
-                console.print(_status_line(gw.stats()), highlight=False, soft_wrap=True,
-                              markup=False)
-        finally:
-            gw.close()
-            console.print(f"stopped; {_status_line(gw.stats())}", highlight=False,
-                          soft_wrap=True, markup=False)
+        _serve(ScadaGateway(load(config)), status_every, _status_line)
+
+
+@app.command("opot")
+def opot(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Node config (YAML); "
+                                         "see gateways/opot/config.py.")],
+    status_every: Annotated[float, typer.Option(
+        help="Print the node's counters every N seconds (0: never).")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """One node of a service chain with ordered proof of transit (needs NET_ADMIN)."""
+    from gateways.opot.config import load
+    from gateways.opot.gateway import OpotGateway
+
+    logs.setup(log_level)
+    with friendly_errors():
+        _serve(OpotGateway(load(config)), status_every, _opot_line)
+
+
+def _serve(gw: Any, status_every: float, line: Callable[[dict[str, Any]], str]) -> None:
+    """Run an opened gateway until SIGTERM or Ctrl-C, printing a status line now and then."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    gw.open()
+    try:
+        while not stop.wait(status_every or None):
+            console.print(line(gw.stats()), highlight=False, soft_wrap=True, markup=False)
+    finally:
+        gw.close()
+        console.print(f"stopped; {line(gw.stats())}", highlight=False, soft_wrap=True,
+                      markup=False)
+
+
+def _opot_line(stats: dict[str, Any]) -> str:
+    links = ", ".join(f"{name} epoch {v['epoch']}" for name, v in stats["links"].items())
+    text = (f"[{stats['state']}] {stats['role']} {stats['node']}: profiles {stats['profiles']}; "
+            f"{links}; packets {stats['counters']}")
+    if "verified" in stats:
+        text += f"; verified {stats['verified']} rejected {stats['rejected']}"
+    if "rotations" in stats:
+        text += f"; rotations {stats['rotations']}"
+    return text
 
 
 def _status_line(stats: dict[str, object]) -> str:
