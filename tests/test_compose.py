@@ -32,6 +32,7 @@ run it, with Linux network namespaces standing in for containers:
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -47,6 +48,7 @@ import pytest
 import yaml
 
 from apps import hmi, keysmoke, plc
+from gateways.opot.config import OpotConfig
 from gateways.scada.config import ScadaConfig
 from gateways.scada.modbus import Direction, ModbusFilter
 from qgw.config import load_model
@@ -415,10 +417,128 @@ def test_scada_profile_structure() -> None:
     assert configs["scada-sub2"].modbus is None
 
 
+# -- OPoT (profile "opot") -------------------------------------------------------------
+# Structure only. There is no namespace run of this profile: its data path needs
+# point-to-point links between neighbours (one compose network per hop, each interface
+# named by `interface_name`), which the namespace runner above does not model (every
+# service gets one eth0 on one bridge). The same node commands and configs run in
+# namespaces, on veth pairs, in tests/gateways/opot/test_opot_netns.py.
+OPOT_NODES = {"opot-ingress": "INGRESS", "opot-sf1": "SF1", "opot-sf2": "SF2",
+              "opot-egress": "EGRESS"}
+OPOT_KMES = {"kme-opot-a": "KME_OPOT_A", "kme-opot-b": "KME_OPOT_B"}
+OPOT_HOSTS = ["client", "server"]
+OPOT_TOPOLOGY = "/etc/qgw/topology.yaml"
+
+
+def opot_config(name: str) -> OpotConfig:
+    """An OPoT node service's config file, validated by the real model (no env)."""
+    svc = load_compose()["services"][name]
+    argv = service_argv(svc)
+    path = Mounts.of(svc, {"state": Path("/nonexistent")}).path(
+        argv[argv.index("--config") + 1])
+    return load_model(Path(path), OpotConfig, env_prefix="QGW_OPOT", env={})
+
+
+def hop_networks(svc: dict[str, Any]) -> dict[str, str]:
+    """The service's opot-hop networks -> the interface name compose gives each."""
+    return {net: spec["interface_name"] for net, spec in (svc.get("networks") or {}).items()
+            if net.startswith("opot-hop")}
+
+
+def test_opot_profile_structure() -> None:
+    from kme.topology import load_topology
+
+    services = services_of("opot")
+    assert set(services) == set(services_of()) | {"opot-prepare", *OPOT_KMES, *OPOT_NODES,
+                                                  *OPOT_HOSTS}
+    assert set(services_of("scada")).isdisjoint({*OPOT_KMES, *OPOT_NODES, *OPOT_HOSTS})
+    prepare = services["opot-prepare"]
+    assert service_argv(prepare) == ["qgw", "kme", "prepare", "--topology", OPOT_TOPOLOGY,
+                                     "--dns", "--state", "/state/opot"]
+    topology = load_topology(Mounts.of(prepare, {"state": Path("/nonexistent")})
+                             .path(OPOT_TOPOLOGY))
+    assert {kme_dns_name(k): k for k in topology.nodes} == OPOT_KMES
+    assert [frozenset((link.a, link.b)) for link in topology.links] == [
+        frozenset(OPOT_KMES.values())]
+    for name, kme in OPOT_KMES.items():
+        svc = services[name]
+        assert service_argv(svc) == ["qgw", "kme", "up", "--topology", OPOT_TOPOLOGY,
+                                     "--node", kme, "--dns", "--state", "/state/opot"]
+        assert depends_on(svc) == {"opot-prepare": "service_completed_successfully"}
+
+    configs = {name: opot_config(name) for name in OPOT_NODES}
+    order = list(OPOT_NODES)
+    path = [OPOT_NODES[n] for n in order]
+    for where, (name, node) in enumerate(OPOT_NODES.items()):
+        svc, cfg = services[name], configs[name]
+        assert service_argv(svc)[:5] == ["qgw", "gateway", "opot", "--config",
+                                         f"/etc/qgw/{name}.yaml"]
+        assert {"NET_ADMIN", "NET_RAW"} <= set(svc.get("cap_add", [])), name
+        assert svc.get("user") in ("root", "0", "0:0"), "cap_add reaches root only"
+        assert cfg.node == node and cfg.path.nodes == path and cfg.sae == f"SAE_{node}"
+        assert cfg.role == ("ingress" if where == 0 else "egress" if where == 3 else "transit")
+        assert cfg.pki == Path("/state/opot/pki")
+        kme = topology.saes[cfg.sae]             # the nodes are the topology's SAEs
+        assert cfg.kme == f"https://{kme_dns_name(kme)}:8443"
+        assert depends_on(svc) == {kme_dns_name(kme): "service_healthy"}
+        assert "default" in svc["networks"], f"{name} reaches KMEs and peers on default"
+        hops = hop_networks(svc)
+        assert hops == {f"opot-hop{where}": cfg.interfaces.left,
+                        f"opot-hop{where + 1}": cfg.interfaces.right}, name
+        assert cfg.metrics is not None
+        assert f":{cfg.metrics.port}/metrics" in " ".join(svc["healthcheck"]["test"])
+    assert set(topology.saes) == {c.sae for c in configs.values()}
+
+    # Neighbours share exactly one hop network, and only they: a line, not a bridge.
+    chain = ["client", *order, "server"]
+    members: dict[str, set[str]] = {}
+    for name in chain:
+        for net in hop_networks(services[name]):
+            members.setdefault(net, set()).add(name)
+    assert members == {f"opot-hop{i}": {chain[i], chain[i + 1]} for i in range(5)}
+    for a, b in itertools.pairwise(chain):
+        shared = set(hop_networks(services[a])) & set(hop_networks(services[b]))
+        assert len(shared) == 1, (a, b, shared)
+    networks = load_compose()["networks"]
+    for i in range(1, 4):                        # NSH inside the chain: 54 bytes more
+        assert int(networks[f"opot-hop{i}"]["driver_opts"]["com.docker.network.driver.mtu"]) \
+            >= 1500 + 54
+
+    # Links: each node's downstream is the next node's upstream, by service name.
+    for a, b in itertools.pairwise(order):
+        down, up = configs[a].downstream, configs[b].upstream
+        assert down is not None and up is not None
+        assert down.sae == configs[b].sae and up.sae == configs[a].sae
+        assert down.connect == f"{b}:{up.listen.port}"
+    # The egress's controller lists the other three nodes, their SAEs and profile listeners.
+    egress = configs["opot-egress"]
+    assert egress.controller is not None
+    assert [(n.node, n.sae, n.address) for n in egress.controller.nodes] == [
+        (cfg.node, cfg.sae, f"{name}:{cfg.profiles_listen.port}")
+        for name, cfg in configs.items() if cfg.profiles_listen is not None]
+    assert len(egress.controller.nodes) == 3
+    assert all(cfg.controller_sae == egress.sae for name, cfg in configs.items()
+               if name != "opot-egress")
+
+    # The hosts: one data interface each, on the chain's ends; the client waits for the
+    # whole chain and is the smoke check.
+    for name in OPOT_HOSTS:
+        svc = services[name]
+        assert "NET_ADMIN" in svc.get("cap_add", []) and svc.get("user") == "root"
+        assert list(svc["networks"]) == [f"opot-hop{0 if name == 'client' else 4}"]
+        assert hop_networks(svc) == dict.fromkeys(svc["networks"], "data")
+    assert depends_on(services["client"]) == {**dict.fromkeys(OPOT_NODES, "service_healthy"),
+                                              "server": "service_started"}
+    assert set(start_order(services, ["client"])) == {
+        name for name, svc in services.items() if "opot" in svc.get("profiles", [])}
+
+
 @pytest.mark.parametrize("service", ["pki", "kme-a", "kme-b", "keysmoke", "madrid-prepare",
                                      "kme-norte", "madrid-smoke", "scada-prepare", "kme-cc",
                                      "scada-cc", "scada-sub1", "scada-sub2", "plc1", "plc2",
-                                     "hmi"])
+                                     "hmi", "opot-prepare", "kme-opot-a", "kme-opot-b",
+                                     "opot-ingress", "opot-sf1", "opot-sf2", "opot-egress",
+                                     "client", "server"])
 def test_service_command_parses(service: str) -> None:
     """Each service's argv is accepted by the real CLI (instead of `docker compose config`).
 
@@ -432,6 +552,14 @@ def test_service_command_parses(service: str) -> None:
         assert result.returncode == 0, result.stderr
         words = [a for a in argv[1:3] if not a.startswith("-")]
         assert f"Usage: qgw {' '.join(words)}" in result.stdout
+        return
+    if argv[0] == "python" and argv[1].endswith(".py"):
+        # A script from a bind mount (the OPoT profile's hosts): its argparse parser.
+        svc = load_compose()["services"][service]
+        script = Mounts.of(svc, {"state": Path("/nonexistent")}).path(argv[1])
+        result = subprocess.run([sys.executable, script, *argv[2:], "--help"], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
         return
     assert argv[:2] == ["python", "-m"] and argv[2] in APPS, argv
     opts = APPS[argv[2]].parse_args(argv[3:])
