@@ -38,31 +38,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from gateways.config import GatewayConfig, Listen, Strict, checked_hostport
 from keyclient.policy import SessionPolicy
 from qgw.config import load_model
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{value!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def _checked(value: str) -> str:
-    hostport(value)
-    return value
-
-
-class Listen(Strict):
-    host: str = "0.0.0.0"
-    port: Annotated[int, Field(ge=0, le=65535)]
 
 
 class PathCfg(Strict):
@@ -86,7 +66,7 @@ class Downstream(Strict):
     sae: str
     connect: str
 
-    _check = field_validator("connect")(_checked)
+    _check = field_validator("connect")(checked_hostport)
 
 
 class ControlledNode(Strict):
@@ -94,7 +74,7 @@ class ControlledNode(Strict):
     sae: str
     address: str
 
-    _check = field_validator("address")(_checked)
+    _check = field_validator("address")(checked_hostport)
 
 
 class ControllerCfg(Strict):
@@ -103,13 +83,10 @@ class ControllerCfg(Strict):
     nodes: list[ControlledNode]
 
 
-class OpotConfig(Strict):
+class OpotConfig(GatewayConfig):
     role: Literal["ingress", "transit", "egress"]
     node: str
     path: PathCfg
-    sae: str
-    pki: Path
-    kme: str
     interfaces: Interfaces
     keys: SessionPolicy = SessionPolicy()
     upstream: Upstream | None = None
@@ -117,20 +94,6 @@ class OpotConfig(Strict):
     controller_sae: str | None = None
     profiles_listen: Listen | None = None
     controller: ControllerCfg | None = None
-    metrics: Listen | None = None
-
-    @field_validator("pki")
-    @classmethod
-    def _abs(cls, v: Path, info: ValidationInfo) -> Path:
-        base = (info.context or {}).get("base")
-        return v if v.is_absolute() or base is None else base / v
-
-    @field_validator("kme")
-    @classmethod
-    def _https(cls, v: str) -> str:
-        if not v.startswith("https://"):
-            raise ValueError("the KME URL must start with https:// (mutual TLS)")
-        return v.rstrip("/")
 
     @model_validator(mode="after")
     def _shape(self) -> OpotConfig:

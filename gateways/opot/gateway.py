@@ -17,16 +17,17 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateways.base import Gateway, GatewayState
-from gateways.opot.config import ControllerCfg, OpotConfig, hostport
+from gateways.config import hostport, serve_metrics
+from gateways.opot.config import ControllerCfg, OpotConfig
 from gateways.opot.dataplane import ChainNode
 from gateways.opot.masks import LinkKeys
 from gateways.opot.pot import Controller, Egress, Ingress, NodeProfile, Profile, Transit
@@ -219,7 +220,7 @@ class OpotGateway(Gateway):
         self.receiver: ProfileReceiver | None = None
         self.controller: ProfileController | None = None
         self._kme: Etsi014Client | None = None
-        self._metrics_server: Any = None
+        self._stop_metrics: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         self.open()
@@ -275,9 +276,7 @@ class OpotGateway(Gateway):
                 session.start()
             if self.controller is not None:
                 self.controller.start()
-            if cfg.metrics is not None:
-                self._metrics_server = start_http_server(cfg.metrics.port, cfg.metrics.host,
-                                                         registry=self.registry)
+            self._stop_metrics = serve_metrics(cfg.metrics, self.registry)
         except BaseException:
             self.close()
             raise
@@ -303,11 +302,8 @@ class OpotGateway(Gateway):
             session.stop()
         if self.node is not None:
             self.node.stop()
-        if self._metrics_server is not None:
-            server, thread = self._metrics_server
-            server.shutdown()
-            thread.join(timeout=2)
-            self._metrics_server = None
+        self._stop_metrics()
+        self._stop_metrics = lambda: None
         if self._kme is not None:
             self._kme.close()
             self._kme = None

@@ -39,35 +39,15 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from gateways.config import GatewayConfig, Listen, Strict, checked_hostport, hostport
 from gateways.scada.modbus import ModbusPolicy
 from keyclient.policy import SessionPolicy
 from qgw.config import load_model
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{value!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def _checked(value: str) -> str:
-    _hostport(value)
-    return value
-
-
-class Listen(Strict):
-    host: str = "0.0.0.0"
-    port: Annotated[int, Field(ge=0, le=65535)]
 
 
 class Tun(Strict):
@@ -83,13 +63,13 @@ class Substation(Strict):
     control: str                     # HOST:PORT of its control listener
     routes: list[Network]
 
-    _check = field_validator("control")(_checked)
+    _check = field_validator("control")(checked_hostport)
 
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
         if v is not None:
-            _hostport(v)
+            hostport(v)
         return v
 
 
@@ -98,36 +78,19 @@ class ControlCentre(Strict):
     sae: str
     endpoint: str
     control_listen: Listen
-    routes: list[Network] = []
+    routes: list[Network] = Field(default_factory=list)
 
-    _check = field_validator("endpoint")(_checked)
+    _check = field_validator("endpoint")(checked_hostport)
 
 
-class ScadaConfig(Strict):
+class ScadaConfig(GatewayConfig):
     role: Literal["control-centre", "substation"]
-    sae: str
-    pki: Path
-    kme: str
     tun: Tun
     listen: Listen = Listen(port=51820)
-    metrics: Listen | None = None
     keys: SessionPolicy = SessionPolicy()
     modbus: ModbusPolicy | None = None
-    substations: list[Substation] = []
+    substations: list[Substation] = Field(default_factory=list)
     control_centre: ControlCentre | None = None
-
-    @field_validator("pki")
-    @classmethod
-    def _abs(cls, v: Path, info: ValidationInfo) -> Path:
-        base = (info.context or {}).get("base")
-        return v if v.is_absolute() or base is None else base / v
-
-    @field_validator("kme")
-    @classmethod
-    def _https(cls, v: str) -> str:
-        if not v.startswith("https://"):
-            raise ValueError("the KME URL must start with https:// (mutual TLS)")
-        return v.rstrip("/")
 
     @model_validator(mode="after")
     def _shape(self) -> ScadaConfig:
@@ -143,7 +106,7 @@ class ScadaConfig(Strict):
         return self
 
     def endpoint(self, value: str) -> tuple[str, int]:
-        return _hostport(value)
+        return hostport(value)
 
 
 def load(path: Path) -> ScadaConfig:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateways.base import Gateway, GatewayState
+from gateways.config import serve_metrics
 from gateways.scada.config import ScadaConfig
 from gateways.scada.keys import PairKeys, Side
 from gateways.scada.modbus import ModbusFilter
@@ -50,7 +51,7 @@ class ScadaGateway(Gateway):
         self._fd: int | None = None
         self._sock: socket.socket | None = None
         self._kme: Etsi014Client | None = None
-        self._metrics_server: Any = None
+        self._stop_metrics: Callable[[], None] = lambda: None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -94,9 +95,7 @@ class ScadaGateway(Gateway):
             self.tunnel.start()
             for session in self.sessions.values():
                 session.start()
-            if cfg.metrics is not None:
-                self._metrics_server = start_http_server(
-                    cfg.metrics.port, cfg.metrics.host, registry=self.registry)
+            self._stop_metrics = serve_metrics(cfg.metrics, self.registry)
         except BaseException:
             self.close()
             raise
@@ -113,11 +112,8 @@ class ScadaGateway(Gateway):
             self.tunnel.stop()
         for pair in self.pairs.values():
             pair.invalidate("gateway stopped")
-        if self._metrics_server is not None:
-            server, thread = self._metrics_server
-            server.shutdown()
-            thread.join(timeout=2)
-            self._metrics_server = None
+        self._stop_metrics()
+        self._stop_metrics = lambda: None
         if self._kme is not None:
             self._kme.close()
         if self._sock is not None:
