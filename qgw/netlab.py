@@ -18,6 +18,8 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,3 +151,26 @@ class Lab:
             with contextlib.suppress(OSError):  # unless someone else uses it meanwhile
                 NETNS_ETC.rmdir()
         return errors
+
+
+@contextlib.contextmanager
+def temporary_lab(prefix: str, purpose: str) -> Iterator[tuple[Lab, Path]]:
+    """A lab in a temporary folder for one run; every namespace and process goes after.
+
+    Refuses with a clear error where namespaces cannot be made (`purpose` says who
+    needs them) and raises if cleaning up left something behind.
+    """
+    from qgw.errors import QgwError
+
+    why = unavailable()
+    if why is not None:
+        raise QgwError(f"{purpose} needs network namespaces: {why}")
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        lab = Lab(Path(tmp))
+        try:
+            yield lab, Path(tmp)
+        finally:
+            errors = lab.cleanup()
+            if errors:
+                raise QgwError(f"could not clean up the namespaces of {purpose}: "
+                               + "; ".join(errors))

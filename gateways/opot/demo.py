@@ -10,27 +10,25 @@ from __future__ import annotations
 
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from gateways.opot.lab import PY, SERVER_IP, OpotLab
-from qgw.errors import QgwError
-from qgw.netlab import Lab, unavailable
+from qgw.netlab import temporary_lab
 
 RECEIVER = f"""
 import json, socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(({SERVER_IP!r}, 9000)); s.settimeout(3)
-seen = set()
+seen = []
+print("ready", flush=True)
 try:
     while True:
-        seen.add(s.recv(2048)[:8])
+        seen.append(int(s.recv(2048)[:8].decode()))
 except TimeoutError:
     pass
-print(json.dumps({{"received": len(seen)}}))
+print(json.dumps({{"n": len(seen), "distinct": len(set(seen)), "max": max(seen, default=-1)}}))
 """
 SENDER = f"""
 import socket, sys, time
@@ -71,44 +69,34 @@ class OpotResult:
 
 def run_opot(packets: int = 2000, rate: float = 400.0,
              progress: Callable[[str], None] = lambda s: None) -> OpotResult:
-    why = unavailable()
-    if why is not None:
-        raise QgwError(f"the OPoT step needs network namespaces: {why}")
     result = OpotResult(sent=packets)
-    with tempfile.TemporaryDirectory(prefix="qgw-opot-") as tmp:
-        lab = Lab(Path(tmp))
-        try:
-            progress("OPoT: client, ingress, SF1, SF2, egress, server as namespaces; 2 KMEs")
-            chain = OpotLab(lab, Path(tmp), keys={"rekey_interval_s": result.rekey_interval_s,
-                                                  "overlap_s": 1.0},
-                            rotate_s=2.0, overlap_s=1.0)
-            started = time.monotonic()
-            chain.start()
-            progress("OPoT: link keys agreed, the controller pushing the first profile")
-            chain.wait_ready()
-            result.first_packet_s = time.monotonic() - started
-            out = chain.run("client", [PY, "-c", RTT], 60)
-            if out.returncode == 0:
-                result.rtt_s = json.loads(out.stdout)
-            rotations = chain.metric("EGRESS", "qgw_opot_rotations_total")
-            rekeys = chain.metric("INGRESS", "qgw_session_rekeys_total")
-            verified = chain.metric("EGRESS", "qgw_opot_verified_total")
-            lab.start("receiver", [PY, "-c", RECEIVER], env=None, ns_of="server")
-            time.sleep(1.0)
-            progress(f"OPoT: {packets} packets across the chain while keys and profiles change")
-            chain.run("client", [PY, "-c", SENDER, str(packets), str(rate)], 120)
-            lab.procs["receiver"].wait(timeout=30)
-            result.received = json.loads(lab.tail("receiver").strip().splitlines()[-1])[
-                "received"]
-            result.verified = int(chain.metric("EGRESS", "qgw_opot_verified_total") - verified)
-            result.rejected = int(chain.metric("EGRESS", "qgw_opot_rejected_total"))
-            result.rotations = int(chain.metric("EGRESS", "qgw_opot_rotations_total")
-                                   - rotations)
-            result.rekeys = int(chain.metric("INGRESS", "qgw_session_rekeys_total") - rekeys)
-        finally:
-            errors = lab.cleanup()
-            if errors:
-                raise QgwError("could not clean up the OPoT namespaces: " + "; ".join(errors))
+    with temporary_lab("qgw-opot-", "the OPoT step") as (lab, tmp):
+        progress("OPoT: client, ingress, SF1, SF2, egress, server as namespaces; 2 KMEs")
+        chain = OpotLab(lab, tmp, keys={"rekey_interval_s": result.rekey_interval_s,
+                                        "overlap_s": 1.0}, rotate_s=2.0, overlap_s=1.0)
+        started = time.monotonic()
+        chain.start()
+        progress("OPoT: link keys agreed, the controller pushing the first profile")
+        chain.wait_ready()
+        result.first_packet_s = time.monotonic() - started
+        out = chain.run("client", [PY, "-c", RTT], 60)
+        if out.returncode == 0:
+            result.rtt_s = json.loads(out.stdout)
+        rotations = chain.metric("EGRESS", "qgw_opot_rotations_total")
+        rekeys = chain.metric("INGRESS", "qgw_session_rekeys_total")
+        verified = chain.metric("EGRESS", "qgw_opot_verified_total")
+        lab.start("receiver", [PY, "-c", RECEIVER], env=None, ns_of="server")
+        time.sleep(1.0)
+        progress(f"OPoT: {packets} packets across the chain while keys and profiles change")
+        chain.run("client", [PY, "-c", SENDER, str(packets), str(rate)], 120)
+        lab.procs["receiver"].wait(timeout=30)
+        result.received = json.loads(lab.tail("receiver").strip().splitlines()[-1])[
+            "distinct"]
+        result.verified = int(chain.metric("EGRESS", "qgw_opot_verified_total") - verified)
+        result.rejected = int(chain.metric("EGRESS", "qgw_opot_rejected_total"))
+        result.rotations = int(chain.metric("EGRESS", "qgw_opot_rotations_total")
+                               - rotations)
+        result.rekeys = int(chain.metric("INGRESS", "qgw_session_rekeys_total") - rekeys)
     return result
 
 

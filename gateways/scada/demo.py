@@ -8,16 +8,14 @@ while keys rotate every second, and shows the Modbus policy refusing a write.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gateways.scada.lab import PY, ScadaLab
 from qgw.errors import QgwError
-from qgw.netlab import Lab, unavailable
+from qgw.netlab import temporary_lab
 
 # Reads anywhere; writes only to breakers CB1 and CB2 (coils 0-1): CB3 is off limits.
 POLICY = {"inbound": [{"functions": [1, 2, 3, 4]}, {"functions": [5, 15], "ranges": [[0, 1]]}]}
@@ -57,40 +55,31 @@ def _rekeys(lab: ScadaLab) -> int:
 
 def run_scada(seconds: float = 10.0, rate: float = 50.0,
               progress: Callable[[str], None] = lambda s: None) -> ScadaResult:
-    why = unavailable()
-    if why is not None:
-        raise QgwError(f"the SCADA step needs network namespaces and TUN devices: {why}")
     result = ScadaResult(rekey_interval_s=1.0)
-    with tempfile.TemporaryDirectory(prefix="qgw-scada-") as tmp:
-        lab = Lab(Path(tmp))
-        try:
-            progress("SCADA: control centre and substation as network namespaces, a KME each")
-            sites = ScadaLab(lab, Path(tmp), keys={"rekey_interval_s": result.rekey_interval_s,
-                                                   "overlap_s": 1.0},
-                             modbus=POLICY)
-            sites.start_kmes()
-            lab.start("plc-sub1", [PY, "-m", "apps.plc", "--port", "502",
-                                   "--status-every", "0"], env=None, ns_of="sub1")
-            started = time.monotonic()
-            sites.start_gateway("cc")
-            sites.start_gateway("sub1")
-            progress("SCADA: gateways agreeing their first QKD key")
-            sites.wait_reach("cc", "10.99.1.1", 502)
-            result.first_packet_s = time.monotonic() - started
-            progress(f"SCADA: HMI polling the PLC directly ({seconds / 2:g} s)")
-            _, result.direct = _hmi(sites, f"{lab.addresses['sub1']}:502", "--rate", str(rate),
-                                    "--duration", str(seconds / 2), "--quiet")
-            before = _rekeys(sites)
-            progress(f"SCADA: HMI polling through the tunnel, keys changing every second "
-                     f"({seconds:g} s)")
-            _, result.polls = _hmi(sites, "10.99.1.1:502", "--rate", str(rate),
-                                   "--duration", str(seconds), "--quiet")
-            result.rekeys = _rekeys(sites) - before
-            progress("SCADA: the HMI tries to open CB3, which the policy forbids")
-            code, refused = _hmi(sites, "10.99.1.1:502", "--count", "2", "--operate", "CB3=open")
-            result.refused_write = code == 1 and refused.get("operations_failed") == 1
-        finally:
-            errors = lab.cleanup()
-            if errors:
-                raise QgwError("could not clean up the SCADA namespaces: " + "; ".join(errors))
+    with temporary_lab("qgw-scada-", "the SCADA step (and TUN devices)") as (lab, tmp):
+        progress("SCADA: control centre and substation as network namespaces, a KME each")
+        sites = ScadaLab(lab, tmp, keys={"rekey_interval_s": result.rekey_interval_s,
+                                               "overlap_s": 1.0},
+                         modbus=POLICY)
+        sites.start_kmes()
+        lab.start("plc-sub1", [PY, "-m", "apps.plc", "--port", "502",
+                               "--status-every", "0"], env=None, ns_of="sub1")
+        started = time.monotonic()
+        sites.start_gateway("cc")
+        sites.start_gateway("sub1")
+        progress("SCADA: gateways agreeing their first QKD key")
+        sites.wait_reach("cc", "10.99.1.1", 502)
+        result.first_packet_s = time.monotonic() - started
+        progress(f"SCADA: HMI polling the PLC directly ({seconds / 2:g} s)")
+        _, result.direct = _hmi(sites, f"{lab.addresses['sub1']}:502", "--rate", str(rate),
+                                "--duration", str(seconds / 2), "--quiet")
+        before = _rekeys(sites)
+        progress(f"SCADA: HMI polling through the tunnel, keys changing every second "
+                 f"({seconds:g} s)")
+        _, result.polls = _hmi(sites, "10.99.1.1:502", "--rate", str(rate),
+                               "--duration", str(seconds), "--quiet")
+        result.rekeys = _rekeys(sites) - before
+        progress("SCADA: the HMI tries to open CB3, which the policy forbids")
+        code, refused = _hmi(sites, "10.99.1.1:502", "--count", "2", "--operate", "CB3=open")
+        result.refused_write = code == 1 and refused.get("operations_failed") == 1
     return result

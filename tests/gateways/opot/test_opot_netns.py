@@ -9,31 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from gateways.opot.demo import RECEIVER, SENDER
 from gateways.opot.lab import NODES, PY, SERVER_IP, OpotLab
 from qgw.netlab import Lab
-
-RECEIVER = f"""
-import json, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(({SERVER_IP!r}, 9000)); s.settimeout(3)
-seen = []
-print("ready", flush=True)
-try:
-    while True:
-        seen.append(int(s.recv(2048)[:8].decode()))
-except TimeoutError:
-    pass
-print(json.dumps({{"n": len(seen), "distinct": len(set(seen)), "max": max(seen, default=-1)}}))
-"""
-SENDER = f"""
-import socket, sys, time
-n, rate = int(sys.argv[1]), float(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-t0 = time.monotonic()
-for i in range(n):
-    s.sendto(b"%08d" % i + bytes(200), ({SERVER_IP!r}, 9000))
-    time.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
-"""
 
 
 @pytest.mark.netns
