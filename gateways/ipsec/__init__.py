@@ -1,0 +1,1 @@
+"""The IPsec gateway: QKD-keyed kernel ESP security associations over XFRM netlink."""

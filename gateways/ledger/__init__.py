@@ -1,0 +1,1 @@
+"""The IoT-to-ledger gateway: QKD-encrypted, signed IoT records anchored on Ethereum."""
