@@ -20,7 +20,8 @@ COPY kme ./kme
 COPY keyclient ./keyclient
 COPY gateways ./gateways
 COPY apps ./apps
-RUN pip install ".[fast]" && cd / && rm -rf /src
+# The ledger extra: web3, py-evm and paho-mqtt for `qgw gateway ledger` and apps.sensors.
+RUN pip install ".[fast,ledger]" && cd / && rm -rf /src
 
 # Non-root. /state is where the compose named volume is mounted; a fresh named volume
 # takes the ownership of the image folder, so the PKI and stores are written as qgw.

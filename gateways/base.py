@@ -29,8 +29,10 @@ ENTRY_POINT_GROUP = "qkdgw.gateways"
 
 # name -> "module:Class"; filled as gateways land (ipsec, scada, webrtc, ledger, opot).
 BUILTIN: dict[str, str] = {
+    "ipsec": "gateways.ipsec.gateway:IpsecGateway",
     "scada": "gateways.scada.gateway:ScadaGateway",
     "opot": "gateways.opot.gateway:OpotGateway",
+    "ledger": "gateways.ledger.gateway:LedgerGateway",
 }
 
 

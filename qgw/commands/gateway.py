@@ -45,6 +45,23 @@ def scada(
         _serve(ScadaGateway(load(config)), status_every, _status_line)
 
 
+@app.command("ipsec")
+def ipsec(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Gateway config (YAML); "
+                                         "see gateways/ipsec/config.py.")],
+    status_every: Annotated[float, typer.Option(
+        help="Print the tunnel's state every N seconds (0: never).")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Kernel ESP tunnel between two sites, SAs keyed by QKD (needs NET_ADMIN, kernel ESP)."""
+    from gateways.ipsec.config import load
+    from gateways.ipsec.gateway import IpsecGateway
+
+    logs.setup(log_level)
+    with friendly_errors():
+        _serve(IpsecGateway(load(config)), status_every, _ipsec_line)
+
+
 @app.command("opot")
 def opot(
     config: Annotated[Path, typer.Option("--config", "-c", help="Node config (YAML); "
@@ -62,6 +79,24 @@ def opot(
         _serve(OpotGateway(load(config)), status_every, _opot_line)
 
 
+@app.command("ledger")
+def ledger(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Gateway config (YAML); "
+                                         "see gateways/ledger/config.py.")],
+    status_every: Annotated[float, typer.Option(
+        help="Print the counters every N seconds (0: never).")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """IoT readings sealed with QKD keys and anchored on Ethereum (writer), or read back
+    and decrypted by the partner (reader)."""
+    from gateways.ledger.config import load
+    from gateways.ledger.gateway import LedgerGateway
+
+    logs.setup(log_level)
+    with friendly_errors():
+        _serve(LedgerGateway(load(config)), status_every, _ledger_line)
+
+
 def _serve(gw: Any, status_every: float, line: Callable[[dict[str, Any]], str]) -> None:
     """Run an opened gateway until SIGTERM or Ctrl-C, printing a status line now and then."""
     stop = threading.Event()
@@ -75,6 +110,46 @@ def _serve(gw: Any, status_every: float, line: Callable[[dict[str, Any]], str]) 
         gw.close()
         console.print(f"stopped; {line(gw.stats())}", highlight=False, soft_wrap=True,
                       markup=False)
+
+
+def _ipsec_line(stats: dict[str, Any]) -> str:
+    spis = stats["spis"]
+    text = (f"[{stats['state']}] {stats['role']} {stats['sae']}: epoch {stats['epoch']} "
+            f"({stats['key_source'] or 'no key'}) rekeys {stats['rekeys']}")
+    if spis.get("out") is not None:
+        text += f" spi out {spis['out']:#010x} in {spis['in']:#010x}"
+    if stats["epoch"] is None and stats["fail_closed"]:
+        text += f" FAIL-CLOSED: {stats['fail_closed']}"
+    t = stats["traffic"]
+    return text + (f"; esp out {t['out_packets']} pkts in {t['in_packets']} pkts; "
+                   f"expires {stats['expires']}")
+
+
+def _ledger_line(stats: dict[str, Any]) -> str:
+    text = f"[{stats['state']}] {stats['role']} {stats['sae']}"
+    if "writer" in stats:
+        w, k = stats["writer"], stats["keys"]
+        refused = ", ".join(f"{r} {n}" for r, n in sorted(w["refused"].items()) if n)
+        wait = k["key_wait_p50_ms"]
+        text += (f" -> {stats['peer_sae']}: received {w['received']} sealed {w['sealed']} "
+                 f"refused {sum(w['refused'].values())}{f' ({refused})' if refused else ''}; "
+                 f"anchored {w['records_anchored']} in {w['batches_anchored']} batches, "
+                 f"queued {w['queued']} pending batches {w['pending_batches']}; "
+                 f"keys used {k['used']} ({k['records_per_key']}/key), key wait p50 "
+                 + (f"{wait:.2f} ms" if wait is not None else "-"))
+        if k["failing"]:
+            text += f"; NO KEY: {k['failing']}"
+        if w["ledger_error"]:
+            text += f"; LEDGER: {w['ledger_error']}"
+    if "reader" in stats:
+        r = stats["reader"]
+        rejected = ", ".join(f"{k} {n}" for k, n in sorted(r["rejected"].items()) if n)
+        text += (f" <- {stats['peer_sae']}: delivered {r['delivered']} from {r['batches']} "
+                 f"batches, rejected {sum(r['rejected'].values())}"
+                 f"{f' ({rejected})' if rejected else ''}; cursor block {r['cursor']}")
+        if r["waiting"]:
+            text += f"; waiting for {r['waiting']}"
+    return text
 
 
 def _opot_line(stats: dict[str, Any]) -> str:
