@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -11,7 +12,24 @@ from rich.table import Table
 from keyclient.policy import SupplyMode
 from qgw import logs
 from qgw.commands.common import console, friendly_errors
-from qgw.demo import UC31_REKEY_INTERVAL_S, UC35_TIME_TO_KEY_S, p50, run_demo
+from qgw.errors import QgwError
+
+
+class _Trial:
+    """The trials' KPIs from qgw.demo, imported when a step prints them: `qgw` starts
+    faster for every other command (it matters in the emulated VM of the kernel tests)."""
+
+    def __getattr__(self, name: str) -> float:
+        from qgw import demo
+
+        return float(getattr(demo, name))
+
+
+TRIAL = _Trial()
+
+if TYPE_CHECKING:   # the ledger gateway's packages are an extra: imported when its step runs
+    from gateways.ipsec.demo import IpsecResult
+    from gateways.ledger.demo import LedgerResult
 
 
 def demo(
@@ -22,10 +40,23 @@ def demo(
     mode: Annotated[SupplyMode, typer.Option(help="Key supply policy.")] = SupplyMode.QKD,
     gateways: Annotated[bool | None, typer.Option(
         "--gateways/--no-gateways",
-        help="Run the gateway steps in network namespaces (SCADA, OPoT; needs root). "
-             "Default: when root.")] = None,
+        help="Run the gateway steps in network namespaces (IPsec, SCADA, OPoT; needs "
+             "root). Default: when root.")] = None,
+    ipsec_vm: Annotated[bool, typer.Option(
+        "--ipsec-vm/--no-ipsec-vm",
+        help="Where this kernel has no ESP, run the IPsec step in Debian's kernel under "
+             "qemu (software emulation: minutes, not seconds).")] = True,
+    ledger: Annotated[bool, typer.Option(
+        "--ledger/--no-ledger",
+        help="Run the IoT-to-ledger step (UC35; no root needed): 10 sensors over MQTT "
+             "(Mosquitto, if installed) or REST, the writer and reader gateways and an "
+             "embedded Ethereum chain in this process.")] = True,
+    ledger_burst: Annotated[int, typer.Option(
+        min=0, help="Devices in the ledger step's burst, a reading each (0: no burst).")] =
+        1000,
 ) -> None:
     """Run a simulated QKD network, a gateway key session and the gateways; KPIs vs OPENQKD."""
+    from qgw.demo import p50, run_demo
     logs.setup("WARNING")
     with friendly_errors(), console.status("starting") as status:
         result = run_demo(state, rekeys=rekeys, interval_s=interval, mode=mode,
@@ -35,16 +66,16 @@ def demo(
     for col, just in (("KPI", "left"), ("OPENQKD trial", "right"), ("qkdgw", "right"),
                       ("ratio", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
-    table.add_row("time to get a QKD key (p50)", f"{UC35_TIME_TO_KEY_S:.2f} s (UC35)",
-                  f"{ttk * 1e3:.1f} ms", f"{UC35_TIME_TO_KEY_S / ttk:,.0f}x faster")
+    table.add_row("time to get a QKD key (p50)", f"{TRIAL.UC35_TIME_TO_KEY_S:.2f} s (UC35)",
+                  f"{ttk * 1e3:.1f} ms", f"{TRIAL.UC35_TIME_TO_KEY_S / ttk:,.0f}x faster")
     table.add_row("key pairs per second (burst from store)", "-",
                   f"{result.burst_pairs_per_s:,.0f}", "")
     table.add_row("key pairs per second (sustained, link-limited)", "-",
                   f"{result.link_rate_bps / 256:,.1f}",
                   f"{result.link_rate_bps / 1e3:.1f} kb/s link (UC33)")
-    table.add_row("rekey interval", f"{UC31_REKEY_INTERVAL_S:.0f} s (UC31)",
+    table.add_row("rekey interval", f"{TRIAL.UC31_REKEY_INTERVAL_S:.0f} s (UC31)",
                   f"{result.rekey_interval_s:g} s",
-                  f"{UC31_REKEY_INTERVAL_S / result.rekey_interval_s:.0f}x more often")
+                  f"{TRIAL.UC31_REKEY_INTERVAL_S / result.rekey_interval_s:.0f}x more often")
     table.add_row("rekey latency (offer to switch, p50)", "-",
                   f"{p50(result.rekey_latencies_s) * 1e3:.1f} ms", "")
     table.add_row("rekeys completed", "-",
@@ -59,8 +90,140 @@ def demo(
         raise typer.Exit(1)
     console.print(f"[green]ok[/]: {result.rekeys} rekeys under supply mode {result.mode}, "
                   f"last key from {result.source}. State and logs in {state}.")
+    _ipsec_step(gateways, ipsec_vm)
     _scada_step(gateways)
     _opot_step(gateways)
+    _ledger_step(ledger, state, ledger_burst)
+
+
+def _ledger_step(wanted: bool, state: Path, burst: int) -> None:
+    if not wanted:
+        console.print("IoT-to-ledger step not run (--no-ledger).")
+        return
+    try:
+        from gateways.ledger.demo import MOSQUITTO, run_ledger
+    except ImportError as exc:   # the ledger gateway's packages are an extra
+        console.print(f"IoT-to-ledger step not run ({exc.name} is missing): "
+                      "pip install 'qkdgw[ledger]' adds it.")
+        return
+    with friendly_errors(), console.status("IoT-to-ledger") as status:
+        r = run_ledger(state, burst=burst, progress=lambda text: status.update(text))
+    console.print(_ledger_table(r))
+    how = ("MQTT, through a Mosquitto broker on loopback" if r.transport == "MQTT" else
+           f"REST (no Mosquitto at {MOSQUITTO}, so no MQTT)")
+    logs_at = state / "logs" / "ledger.log"
+    if not r.ok:
+        console.print(f"[bold red]IoT-to-ledger step failed[/] (sensors over {how}); "
+                      f"gateway logs in {logs_at}")
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/]: sensors over {how}; the embedded Ethereum chain (py-evm) "
+                  f"and both gateways in this process. Gateway state in {state / 'ledger'}, "
+                  f"logs in {logs_at}.")
+
+
+def _ledger_table(r: LedgerResult) -> Table:
+    from gateways.ledger.demo import TRIAL_DEVICES, TRIAL_RATE_PER_MIN
+
+    table = Table(title="IoT-to-ledger gateway: sensor readings sealed with QKD keys, "
+                        "anchored on a ledger, decrypted by the partner (UC35)")
+    for col, just in (("KPI", "left"), ("OPENQKD trial", "right"), ("qkdgw", "right"),
+                      ("ratio", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    most = max(r.devices, r.burst_devices)
+    table.add_row("devices at once", f"{TRIAL_DEVICES} (UC35)",
+                  f"{r.devices}" + (f"; {r.burst_devices:,} in the burst" if r.burst_devices
+                                    else ""), f"{most / TRIAL_DEVICES:,.0f}x")
+    table.add_row("measurement rate per device", f"{TRIAL_RATE_PER_MIN:g} / min (UC35)",
+                  f"{r.rate_per_device_s * 60:g} / min",
+                  f"{r.rate_per_device_s * 60 / TRIAL_RATE_PER_MIN:,.0f}x")
+    if r.burst_devices:
+        trial_rate = TRIAL_DEVICES * TRIAL_RATE_PER_MIN / 60
+        table.add_row("readings per second, whole fleet (burst: sent to decrypted)",
+                      f"{trial_rate:.2f}", f"{r.burst_per_s:,.0f}",
+                      f"{r.burst_per_s / trial_rate:,.0f}x")
+    writer, reader = r.writer_key_p50_ms, r.reader_key_p50_ms
+    slowest = max(writer or 0.0, reader or 0.0)   # the ratio against the slower side
+    table.add_row("time to get a QKD key (p50): writer / reader by key ID",
+                  f"{TRIAL.UC35_TIME_TO_KEY_S:.2f} s (UC35)", f"{_ms(writer)} / {_ms(reader)}",
+                  f"{TRIAL.UC35_TIME_TO_KEY_S * 1e3 / slowest:,.0f}x faster" if slowest else "")
+    table.add_row("writer start to taking readings (contract deployed, first key)", "-",
+                  f"{r.first_key_s:.2f} s", "")
+    table.add_row("a reading waiting for a key when sealed (p50)", "-",
+                  _ms(r.key_wait_p50_ms, 3), "keys fetched ahead")
+    table.add_row("records anchored on the ledger / batches", "-",
+                  f"{r.anchored:,} / {r.batches}", f"under {r.keys_used} QKD keys")
+    table.add_row("records decrypted by the partner / sent", "-", f"{r.delivered:,} / {r.sent:,}",
+                  "each once, as sent" if r.delivered_as_sent else "NOT as sent")
+    table.add_row("a third party with the ledger but no key (SAE_3) decrypts", "-",
+                  f"{r.third_party_decrypted} of {r.third_party_records}",
+                  f"{r.third_party_refused} refused: no key")
+    table.add_row("batches with reading values in clear", "-",
+                  f"{r.batches_with_clear_values} of {r.batches}", "")
+    return table
+
+
+def _ms(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f} ms"
+
+
+def _ipsec_step(wanted: bool | None, vm: bool) -> None:
+    from gateways.ipsec.demo import esp_missing, p50_ms, run_ipsec
+    from qgw import kernelvm
+    from qgw.netlab import unavailable
+
+    why = unavailable()
+    if wanted is False or (wanted is None and why is not None):
+        console.print(f"IPsec step not run ({why or '--no-gateways'}); `sudo scripts/demo` "
+                      "runs it.")
+        return
+    missing = esp_missing()
+    where = "in namespaces on this kernel"
+    with friendly_errors(), console.status("IPsec") as status:
+        if missing is None:
+            r = run_ipsec(progress=lambda text: status.update(text))
+        else:
+            vm_why = kernelvm.unavailable() if vm else "--no-ipsec-vm"
+            if vm_why is not None:
+                console.print(f"IPsec step not run: {missing}; the VM that would run it "
+                              f"instead: {vm_why}.")
+                return
+            where = "in Debian's kernel under qemu (this kernel has no ESP)"
+            status.update("IPsec: booting Debian's kernel under qemu (a few minutes)")
+            r = _ipsec_in_vm(kernelvm, lambda line: status.update(f"IPsec (VM): {line}"))
+    table = Table(title=f"IPsec gateway: kernel ESP keyed by QKD, {where} (UC31, UC14)")
+    for col, just in (("KPI", "left"), ("OPENQKD trial", "right"), ("qkdgw", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    table.add_row("rekey interval", f"{TRIAL.UC31_REKEY_INTERVAL_S:.0f} s (UC31)",
+                  f"{r.rekey_interval_s:g} s ({r.rekeys} rekeys under traffic)")
+    table.add_row("datagrams site A -> site B: sent / received / lost / duplicated", "-",
+                  f"{r.sent} / {r.received} / {r.lost} / {r.duplicates}")
+    table.add_row("rekey latency (offer to new SAs active at both ends)", "-",
+                  f"{p50_ms(r.rekey_latencies_s):.1f} ms")
+    table.add_row("gateway start to tunnel protected", f"{TRIAL.UC35_TIME_TO_KEY_S:.2f} s to get "
+                  "a key (UC35)", f"{r.tunnel_up_s:.1f} s")
+    table.add_row("QKD key per hour at this rekey interval", "-",
+                  f"{r.key_bits_per_hour / 1e3:,.1f} kbit ({r.key_bits_per_hour / 3600 / 1800:.0%}"
+                  " of UC28's 1.8 kbit/s link)")
+    table.add_row("key source protecting the tunnel", "-", ", ".join(r.key_sources) or "none")
+    console.print(table)
+    if not r.ok:
+        console.print("[bold red]IPsec step failed[/]")
+        raise typer.Exit(1)
+
+
+def _ipsec_in_vm(kernelvm: Any, progress: Callable[[str], None]) -> IpsecResult:
+    import json
+    import sys
+
+    from gateways.ipsec.demo import IpsecResult
+
+    repo = Path(__file__).resolve().parents[2]
+    out = kernelvm.run_in_vm([sys.executable, "-m", "gateways.ipsec.demo"], cwd=repo,
+                             on_line=progress)
+    lines = [line for line in out.output.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise QgwError(f"the IPsec step failed in the VM:\n{out.tail()}")
+    return IpsecResult(**json.loads(lines[-1]))
 
 
 def _opot_step(wanted: bool | None) -> None:
@@ -86,7 +249,7 @@ def _opot_step(wanted: bool | None) -> None:
     per_s = 256 / r.rekey_interval_s
     table.add_row(f"QKD key per hop (rekey every {r.rekey_interval_s:g} s)", "-",
                   f"{per_s * 3.6:.1f} kbit/h ({per_s / 8400:.1%} of the 8.4 kb/s UC33 link)")
-    table.add_row("start to first proven packet", f"{UC35_TIME_TO_KEY_S:.2f} s to get a key "
+    table.add_row("start to first proven packet", f"{TRIAL.UC35_TIME_TO_KEY_S:.2f} s to get a key "
                   "(UC35)", f"{r.first_packet_s:.2f} s")
     console.print(table)
     if not r.ok:
@@ -117,9 +280,9 @@ def _scada_step(wanted: bool | None) -> None:
     table.add_row("  p99: direct / tunnel", "-",
                   f"{d['latency_p99_ms']:.2f} / {t['latency_p99_ms']:.2f} ms")
     table.add_row("polls through the tunnel, failed", "-", f"{t['sent']}, {t['failed']} failed")
-    table.add_row("rekey interval", f"{UC31_REKEY_INTERVAL_S:.0f} s (UC31)",
+    table.add_row("rekey interval", f"{TRIAL.UC31_REKEY_INTERVAL_S:.0f} s (UC31)",
                   f"{r.rekey_interval_s:g} s ({r.rekeys} rekeys during the polls)")
-    table.add_row("gateway start to first protected packet", f"{UC35_TIME_TO_KEY_S:.2f} s "
+    table.add_row("gateway start to first protected packet", f"{TRIAL.UC35_TIME_TO_KEY_S:.2f} s "
                   "to get a key (UC35)", f"{r.first_packet_s:.2f} s")
     table.add_row("write to a forbidden breaker (CB3)", "-",
                   "refused, connection reset" if r.refused_write else "NOT refused")
