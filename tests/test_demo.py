@@ -18,10 +18,8 @@ from gateways.ledger.demo import MOSQUITTO, run_ledger
 @pytest.mark.timeout(360)
 def test_qgw_demo_runs_and_reports_kpis(tmp_path: Path) -> None:
     proc = subprocess.run(
-        # --no-ipsec-vm: CI's kernel has no ESP; the IPsec step's VM run is the kernel
-        # tier's (tests/kernel/test_ipsec_demo.py), not booted a second time here.
         [sys.executable, "-m", "qgw", "demo", "--rekeys", "3", "--interval", "0.5",
-         "--no-ipsec-vm", "--state", str(tmp_path / "demo")],
+         "--state", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=330, env=dict(os.environ, COLUMNS="160"),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

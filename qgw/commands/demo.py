@@ -45,7 +45,8 @@ def demo(
     ipsec_vm: Annotated[bool, typer.Option(
         "--ipsec-vm/--no-ipsec-vm",
         help="Where this kernel has no ESP, run the IPsec step in Debian's kernel under "
-             "qemu (software emulation: minutes, not seconds).")] = True,
+             "qemu (software emulation: minutes, not seconds; needs the test tools, "
+             "scripts/test installs them).")] = False,
     ledger: Annotated[bool, typer.Option(
         "--ledger/--no-ledger",
         help="Run the IoT-to-ledger step (UC35; no root needed): 10 sensors over MQTT "
