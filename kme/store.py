@@ -40,6 +40,7 @@ from pathlib import Path
 
 from kme.errors import ApiError
 from qgw.errors import QgwError
+from qgw.sqlite_schema import ensure_schema
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS link (
@@ -141,12 +142,8 @@ class Store:
         self._in_tx = False
 
     def _check_schema(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'")
-        if version == 0 and tables.fetchone()[0] == 0:
-            self._db.executescript(SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        elif version != SCHEMA_VERSION:
+        version = ensure_schema(self._db, SCHEMA, SCHEMA_VERSION)
+        if version is not None:
             self._db.close()
             raise StoreError(
                 f"{self.path} holds a key store of another format (schema {version}, this KME "

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qgw.errors import QgwError
+from qgw.sqlite_schema import ensure_schema
 
 log = logging.getLogger("qgw.gateway.ledger")
 
@@ -84,12 +85,8 @@ class ReaderJournal:
         self._trim_uncommitted()
 
     def _check_schema(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        tables = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if version == 0 and tables == 0:
-            self._db.executescript(SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        elif version != SCHEMA_VERSION:
+        version = ensure_schema(self._db, SCHEMA, SCHEMA_VERSION)
+        if version is not None:
             raise JournalError(f"{self.path} is not a reader journal of this version "
                                f"(schema {version}, expected {SCHEMA_VERSION})")
 

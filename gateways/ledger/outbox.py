@@ -40,6 +40,7 @@ from gateways.ledger import merkle
 from gateways.ledger.batch import MAX_RECORDS, decode_batch, encode_leaves
 from gateways.ledger.records import SealedRecord
 from qgw.errors import QgwError
+from qgw.sqlite_schema import ensure_schema
 
 SCHEMA_VERSION = 1
 _BATCH_OVERHEAD = 9         # batch header: magic, version, count
@@ -136,12 +137,8 @@ class Outbox:
             raise
 
     def _check_schema(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        tables = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if version == 0 and tables == 0:
-            self._db.executescript(SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        elif version != SCHEMA_VERSION:
+        version = ensure_schema(self._db, SCHEMA, SCHEMA_VERSION)
+        if version is not None:
             raise OutboxError(f"{self.path} is not a ledger outbox of this version "
                               f"(schema {version}, expected {SCHEMA_VERSION})")
 

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from keyclient.kdf import hkdf
 from qgw.errors import QgwError
 from qgw.secret import Secret
+from qgw.sqlite_schema import ensure_schema
 
 MASTER_LEN = 32
 MAX_KEY_ID = 1024
@@ -115,12 +116,8 @@ class KeyVault:
             raise
 
     def _check_schema(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        tables = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if version == 0 and tables == 0:
-            self._db.executescript(SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        elif version != SCHEMA_VERSION:
+        version = ensure_schema(self._db, SCHEMA, SCHEMA_VERSION)
+        if version is not None:
             raise VaultError(f"{self.path} is not a key vault of this version "
                              f"(schema {version}, expected {SCHEMA_VERSION})")
 
