@@ -1,6 +1,7 @@
-"""Capture every frame seen in a network namespace: `python -m tests.netcapture OUT SECONDS`.
+"""Capture the frames seen in a network namespace: `python -m tests.netcapture OUT SECONDS [IF]`.
 
-Run inside the namespace (`ip netns exec NS ...`); writes length-prefixed raw
+Run inside the namespace (`ip netns exec NS ...`); with IF, only that
+interface's frames (e.g. a gateway's transit link, not its site LAN). Writes length-prefixed raw
 Ethernet frames to OUT until SECONDS pass or SIGTERM. Tests read them back
 with `read_frames` and look for what must never travel in clear.
 """
@@ -17,8 +18,10 @@ from pathlib import Path
 ETH_P_ALL = 0x0003
 
 
-def capture(out: Path, seconds: float) -> int:
+def capture(out: Path, seconds: float, interface: str | None = None) -> int:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    if interface is not None:
+        sock.bind((interface, ETH_P_ALL))
     sock.settimeout(0.2)
     stop = time.monotonic() + seconds
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -59,4 +62,5 @@ def udp_tcp_ports(frame: bytes) -> tuple[int, int, int] | None:
 
 
 if __name__ == "__main__":
-    print(f"captured {capture(Path(sys.argv[1]), float(sys.argv[2]))} frames", flush=True)
+    iface = sys.argv[3] if len(sys.argv) > 3 else None
+    print(f"captured {capture(Path(sys.argv[1]), float(sys.argv[2]), iface)} frames", flush=True)

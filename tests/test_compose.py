@@ -880,7 +880,7 @@ def test_ipsec_profile_structure(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (route.to, route.via) == (b.local_subnets[0], lan["ipsec-a"])
     what, (to, count, rate, _size) = udpstream_call(sender, monkeypatch)
     assert what == "send" and (count, rate) == (3000, 100)
-    what, (bind, _idle) = udpstream_call(service_argv(services["site-b"]), monkeypatch)
+    what, (bind, _idle, _wait) = udpstream_call(service_argv(services["site-b"]), monkeypatch)
     assert what == "receive" and bind == to == (str(host["site-b"]), 9000)
     assert services["site-b"].get("user") is None and not services["site-b"].get("cap_add")
     assert depends_on(services["site-b"]) == dict.fromkeys(IPSEC_GATEWAYS, "service_healthy")

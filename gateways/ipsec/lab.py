@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ KME = {"a": "KME_A", "b": "KME_B"}
 CONTROL_PORT = 7201
 METRICS_PORT = 9610
 STREAM_PORT = 9000
+IDLE_S = 5  # the stream receiver's silence after its first datagram that ends it
 TOPOLOGY = Topology.model_validate({
     "name": "ipsec",
     "nodes": {"KME_A": {}, "KME_B": {}},
@@ -181,7 +183,7 @@ class IpsecLab:
         self.streams += 1
         name = f"receiver-{self.streams}"
         self.lab.start(name, [PY, "-m", "apps.udpstream", "receive", "--bind",
-                                    f"{host_ip('b')}:{STREAM_PORT}", "--idle", "5"],
+                                    f"{host_ip('b')}:{STREAM_PORT}", "--idle", str(IDLE_S)],
                        env=None, ns_of="site-b")
         deadline = time.monotonic() + 300   # an interpreter starts slowly under emulation
         while "ready" not in self.lab.tail(name):
@@ -191,6 +193,10 @@ class IpsecLab:
         sent = self.run("site-a", [PY, "-m", "apps.udpstream", "send", "--to",
                                    f"{host_ip('b')}:{STREAM_PORT}", "--count", str(count),
                                    "--rate", str(rate), "--size", str(size)], timeout_s)
-        self.lab.procs[name].wait(timeout=60)
+        try:  # the receiver ends IDLE_S after the last datagram...
+            self.lab.procs[name].wait(timeout=IDLE_S + 30)
+        except subprocess.TimeoutExpired:  # ...or never started counting (a closed tunnel)
+            self.lab.kill(name, signal.SIGTERM)
+        self.lab.procs.pop(name, None)
         received = json.loads(self.lab.tail(name).strip().splitlines()[-1])
         return {"sender": json.loads(sent.stdout.strip().splitlines()[-1])} | received
