@@ -2,7 +2,8 @@
 
 - `Etsi014Client`: ETSI GS QKD 014 over mutual TLS (status, get_keys, get_keys_with_ids).
 - `Etsi004Client`: ETSI GS QKD 004 key streams (open_connect, get_key, close_stream);
-  `StreamKeySupply` lets a KeySession draw its keys from one open stream.
+  `StreamKeySupply` lets a KeySession draw its keys from one open stream, and
+  `SessionStreamSupply` opens (master) or follows (slave) the streams as needed.
 - `KeySession`: one side of a gateway pair agreeing keys with its peer, with a
   prefetched pool, rekey budgets and the supply policy (qkd / hybrid / qkd-or-pqc).
 """
@@ -23,6 +24,7 @@ from keyclient.etsi004 import (
     Chunk,
     Etsi004Client,
     Qos,
+    SessionStreamSupply,
     StreamInfo,
     StreamKeySupply,
     StreamStatus,
@@ -48,6 +50,7 @@ __all__ = [
     "KeySupplyError",
     "KmeStatus",
     "Qos",
+    "SessionStreamSupply",
     "StreamInfo",
     "StreamKeySupply",
     "StreamStatus",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -315,3 +316,67 @@ class StreamKeySupply:
             k.secret.wipe()
         self._held.clear()
         self.client.close_stream(self.key_stream_id)
+
+
+class SessionStreamSupply:
+    """The `KeySupply` of one gateway of a pair over ETSI 004, streams opened as needed.
+
+    The master (the source SAE) opens a stream to the peer on its first key and
+    again whenever its KME has forgotten the stream (a restart). The slave
+    follows the master: the key_IDs it is offered name the stream
+    (`<Key_stream_ID>:<index>`), and it opens the destination side of each new
+    one. No Key_stream_ID has to be configured on either side.
+    """
+
+    def __init__(self, client: Etsi004Client, *, local_sae: str, peer_sae: str,
+                 qos: Qos | None = None) -> None:
+        self.client = client
+        self.local_sae = local_sae
+        self.peer_sae = peer_sae
+        self.qos = qos
+        self._stream: StreamKeySupply | None = None
+
+    @property
+    def key_stream_id(self) -> str | None:
+        return None if self._stream is None else self._stream.key_stream_id
+
+    def get_keys(self, slave_sae_id: str, number: int = 1, size: int | None = None) -> list[Key]:
+        if self._stream is None:
+            self._stream = StreamKeySupply.open(self.client, source=self.local_sae,
+                                                destination=self.peer_sae,
+                                                local_sae=self.local_sae, qos=self.qos)
+        try:
+            return self._stream.get_keys(slave_sae_id, number, size)
+        except KMEBadRequest:
+            self._stream = None   # unknown to the KME now: the next call opens a new one
+            raise
+
+    def get_keys_with_ids(self, master_sae_id: str, key_ids: Sequence[str]) -> list[Key]:
+        ksids = {k.lower().rpartition(":")[0] for k in key_ids}
+        if len(ksids) != 1:
+            raise KMEBadRequest(400, "key_IDs of one request must name one ETSI 004 stream",
+                                self.client.url)
+        (ksid,) = ksids
+        if self._stream is None or self._stream.key_stream_id != ksid:
+            self._stream = self._follow(master_sae_id, ksid)
+        return self._stream.get_keys_with_ids(master_sae_id, key_ids)
+
+    def _follow(self, master_sae_id: str, ksid: str) -> StreamKeySupply:
+        try:
+            return StreamKeySupply.open(self.client, source=master_sae_id,
+                                        destination=self.local_sae, local_sae=self.local_sae,
+                                        qos=self.qos, key_stream_id=ksid)
+        except KeyStreamRefused as exc:
+            if exc.code != StreamStatus.KSID_IN_USE:
+                raise
+            # Opened at our KME by an earlier run of this gateway: its chunks are still
+            # ours (the KME checks the SAE on every GET_KEY); a destination never needs
+            # the chunk size.
+            return StreamKeySupply(self.client, ksid, peer_sae=master_sae_id, chunk_bytes=1)
+
+    def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(KMEError):  # the KME may be gone
+                stream.close()
+        self.client.close()

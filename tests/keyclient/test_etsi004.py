@@ -21,6 +21,7 @@ from keyclient import (
     KMEUnavailable,
     KMEUnreachable,
     Qos,
+    SessionStreamSupply,
     StreamKeySupply,
     StreamStatus,
 )
@@ -201,3 +202,36 @@ def test_key_session_runs_on_a_004_stream(stream_pair: Pair,
     # the pool was filled from the stream and announced: both sides fetched the same chunks
     assert p.master.status().keys_fetched == p.slave.status().keys_fetched >= 4
     assert key.secret.expose().hex() not in repr(p.master.status())
+
+
+# -- SessionStreamSupply: streams opened as the pair needs them --------------------------
+
+def test_session_supply_master_opens_and_slave_follows_new_streams(
+        c1: Etsi004Client, c2: Etsi004Client, kmes: KmePair) -> None:
+    master = SessionStreamSupply(c1, local_sae="SAE_1", peer_sae="SAE_2",
+                                 qos=Qos(Timeout=300))
+    slave = SessionStreamSupply(c2, local_sae="SAE_2", peer_sae="SAE_1")
+    assert master.key_stream_id is None       # nothing opened before the first key
+    first = master.get_keys("SAE_2", 2)
+    ksid = master.key_stream_id
+    assert ksid is not None and all(k.key_id.startswith(ksid + ":") for k in first)
+    got = slave.get_keys_with_ids("SAE_1", [k.key_id for k in first])
+    assert [k.secret.expose() for k in got] == [k.secret.expose() for k in first]
+    assert slave.key_stream_id == ksid
+
+    # A restarted master opens a new stream; the slave follows it from the key_IDs alone.
+    again = SessionStreamSupply(client(kmes, "SAE_1"), local_sae="SAE_1", peer_sae="SAE_2",
+                                qos=Qos(Timeout=300))
+    (key,) = again.get_keys("SAE_2", 1)
+    assert again.key_stream_id not in (None, ksid)
+    (same,) = slave.get_keys_with_ids("SAE_1", [key.key_id])
+    assert same.secret.expose() == key.secret.expose()
+
+    # A restarted slave takes up the stream its earlier run opened at its KME.
+    (later,) = again.get_keys("SAE_2", 1)
+    fresh = SessionStreamSupply(client(kmes, "SAE_2"), local_sae="SAE_2", peer_sae="SAE_1")
+    (taken,) = fresh.get_keys_with_ids("SAE_1", [later.key_id])
+    assert taken.secret.expose() == later.secret.expose()
+
+    with pytest.raises(KMEBadRequest, match="one ETSI 004 stream"):
+        fresh.get_keys_with_ids("SAE_1", [first[0].key_id, later.key_id])
