@@ -33,6 +33,7 @@ BUILTIN: dict[str, str] = {
     "scada": "gateways.scada.gateway:ScadaGateway",
     "opot": "gateways.opot.gateway:OpotGateway",
     "ledger": "gateways.ledger.gateway:LedgerGateway",
+    "webrtc": "gateways.webrtc.gateway:WebrtcGateway",
 }
 
 

@@ -15,12 +15,12 @@ from gateways.ledger.demo import MOSQUITTO, run_ledger
 
 
 @pytest.mark.netns
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(480)
 def test_qgw_demo_runs_and_reports_kpis(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "qgw", "demo", "--rekeys", "3", "--interval", "0.5",
          "--state", str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=330, env=dict(os.environ, COLUMNS="160"),
+        capture_output=True, text=True, timeout=450, env=dict(os.environ, COLUMNS="160"),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -44,6 +44,11 @@ def test_qgw_demo_runs_and_reports_kpis(tmp_path: Path) -> None:
     opot = re.search(r"verified at the egress\s*│[^│]*│\s*(\d+) / (\d+) / (\d+)", out)
     assert opot and opot.group(1) == opot.group(2) and int(opot.group(3)) >= int(opot.group(1))
     assert re.search(r"proofs rejected \(false rejections\)\s*│[^│]*│\s*0\s", out), out
+    assert "WebRTC gateway: SFrame end-to-end encrypted video call" in out, out
+    shown = re.search(r"checked against the sent pattern \(A->B / B->A\)\s*│[^│]*│\s*(\d+) / "
+                      r"(\d+)", out)
+    assert shown and min(int(shown.group(1)), int(shown.group(2))) > 100, out
+    assert re.search(r"lost at key rotations / shown undecodable\s*│[^│]*│\s*0 / 0", out), out
     assert_ledger_step(out, burst=1000)
 
 
@@ -57,6 +62,7 @@ def test_demo_without_root_runs_the_ledger_step_and_says_how_to_run_the_others(
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SCADA gateway step not run (--no-gateways)" in proc.stdout
+    assert "WebRTC step not run (--no-gateways)" in proc.stdout
     assert_ledger_step(proc.stdout, burst=200)
     # What the table says, the reader's output shows: every reading, each once.
     lines = (state / "ledger" / "reader" / "readings.jsonl").read_text().splitlines()

@@ -94,6 +94,7 @@ def demo(
     _ipsec_step(gateways, ipsec_vm)
     _scada_step(gateways)
     _opot_step(gateways)
+    _webrtc_step(gateways)
     _ledger_step(ledger, state, ledger_burst)
 
 
@@ -255,6 +256,49 @@ def _opot_step(wanted: bool | None) -> None:
     console.print(table)
     if not r.ok:
         console.print("[bold red]OPoT step failed[/]")
+        raise typer.Exit(1)
+
+
+def _webrtc_step(wanted: bool | None) -> None:
+    from qgw.netlab import unavailable
+
+    why = unavailable()
+    if wanted is False or (wanted is None and why is not None):
+        console.print(f"WebRTC step not run ({why or '--no-gateways'}); `sudo scripts/demo` "
+                      "runs it.")
+        return
+    try:
+        from gateways.webrtc.demo import UC32_POST_PROCESSING_BPS, run_webrtc
+    except ImportError as exc:   # aiortc is an extra
+        console.print(f"WebRTC step not run ({exc.name} is missing): "
+                      "pip install 'qkdgw[webrtc]' adds it.")
+        return
+    with friendly_errors(), console.status("WebRTC") as status:
+        r = run_webrtc(progress=lambda text: status.update(text))
+    table = Table(title="WebRTC gateway: SFrame end-to-end encrypted video call, keys over "
+                        "ETSI 004 (UC32)")
+    for col, just in (("KPI", "left"), ("OPENQKD trial", "right"), ("qkdgw", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    a, b = r.sides["a"], r.sides["b"]
+    table.add_row("pictures shown, each checked against the sent pattern (A->B / B->A)",
+                  "-", f"{int(b['pattern_ok'])} / {int(a['pattern_ok'])}")
+    table.add_row("frames lost at key rotations / shown undecodable", "-",
+                  f"{r.dropped} / {r.garbage} ({r.lost} pattern gaps)")
+    table.add_row("key rotation (new QKD key, new SFrame KID)", "no figure (UC32)",
+                  f"every {r.rotation_interval_s:g} s ({r.rotations} rotations)")
+    table.add_row("SFrame seal / open per video frame, in the call", "-",
+                  f"{a['seal_us_per_video_frame']:.0f} / {b['open_us_per_video_frame']:.0f} us")
+    table.add_row("gateways started to first verified picture",
+                  f"{TRIAL.UC35_TIME_TO_KEY_S:.2f} s to get a key (UC35)",
+                  f"{r.first_picture_s:.1f} s")
+    table.add_row("QKD key per hour of call at this rotation interval",
+                  f"{UC32_POST_PROCESSING_BPS / 1e3:g} kbit/s distilled (UC32, no GPU)",
+                  f"{r.key_bits_per_hour / 1e3:,.1f} kbit "
+                  f"({r.key_bits_per_hour / 3600 / UC32_POST_PROCESSING_BPS:.1%} of it)")
+    table.add_row("key source", "ETSI 004 (UC32)", ", ".join(r.key_sources) or "none")
+    console.print(table)
+    if not r.ok:
+        console.print("[bold red]WebRTC step failed[/]")
         raise typer.Exit(1)
 
 

@@ -97,13 +97,58 @@ def ledger(
         _serve(LedgerGateway(load(config)), status_every, _ledger_line)
 
 
-def _serve(gw: Any, status_every: float, line: Callable[[dict[str, Any]], str]) -> None:
+@app.command("webrtc")
+def webrtc(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Participant config (YAML); "
+                                         "see gateways/webrtc/config.py.")],
+    status_every: Annotated[float, typer.Option(
+        help="Print the call's counters every N seconds (0: never).")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """One participant of an end-to-end encrypted video call (SFrame keyed by QKD): a
+    headless aiortc camera, or the key source of a browser page (media: browser)."""
+    try:
+        from gateways.webrtc.config import load
+        from gateways.webrtc.gateway import WebrtcGateway
+    except ImportError as exc:   # aiortc is an extra
+        raise typer.BadParameter(f"{exc.name} is missing: pip install 'qkdgw[webrtc]'") \
+            from exc
+
+    logs.setup(log_level)
+    with friendly_errors():
+        gw = WebrtcGateway(load(config))
+        _serve(gw, status_every, _webrtc_line, on_open=_show_page_link)
+
+
+def _show_page_link(gw: Any) -> None:
+    if gw.page_link is not None:
+        # The link carries the handoff token: printed for the user, never logged.
+        console.print(f"Open this participant's page (its keys come from this gateway):\n"
+                      f"  {gw.page_link}", highlight=False, soft_wrap=True, markup=False)
+
+
+def _webrtc_line(stats: dict[str, Any]) -> str:
+    text = (f"[{stats['state']}] {stats['role']} {stats['sae']} ({stats['media']}): "
+            f"KID {stats['kid']} epoch {stats['epoch']} ({stats['key_source'] or 'no key'}) "
+            f"rotations {stats['rotations']} sealed {stats['frames_sealed']} "
+            f"opened {stats['frames_opened']}")
+    dropped = sum(stats["drops"].values())
+    if dropped:
+        text += f" dropped {dropped} {stats['drops']}"
+    if stats.get("fail_closed"):
+        text += f" (not sending: {stats['fail_closed']})"
+    return text
+
+
+def _serve(gw: Any, status_every: float, line: Callable[[dict[str, Any]], str],
+           on_open: Callable[[Any], None] = lambda gw: None) -> None:
     """Run an opened gateway until SIGTERM or Ctrl-C, printing a status line now and then."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     gw.open()
     try:
+        on_open(gw)
         while not stop.wait(status_every or None):
             console.print(line(gw.stats()), highlight=False, soft_wrap=True, markup=False)
     finally:
