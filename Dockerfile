@@ -20,8 +20,9 @@ COPY kme ./kme
 COPY keyclient ./keyclient
 COPY gateways ./gateways
 COPY apps ./apps
-# The ledger extra: web3, py-evm and paho-mqtt for `qgw gateway ledger` and apps.sensors.
-RUN pip install ".[fast,ledger]" && cd / && rm -rf /src
+# The ledger extra: web3, py-evm and paho-mqtt for `qgw gateway ledger` and apps.sensors;
+# the webrtc extra: aiortc (with PyAV's wheels) for `qgw gateway webrtc`.
+RUN pip install ".[fast,ledger,webrtc]" && cd / && rm -rf /src
 
 # Non-root. /state is where the compose named volume is mounted; a fresh named volume
 # takes the ownership of the image folder, so the PKI and stores are written as qgw.

@@ -54,12 +54,14 @@ import pytest
 import yaml
 
 from apps import hmi, keysmoke, plc, sensors, udpstream
+from apps.videocall import server as videocall
 from gateways.ipsec.config import IpsecConfig
 from gateways.ipsec.config import load as load_ipsec_config
 from gateways.ledger.config import LedgerConfig
 from gateways.opot.config import OpotConfig
 from gateways.scada.config import ScadaConfig
 from gateways.scada.modbus import Direction, ModbusFilter
+from gateways.webrtc.config import WebrtcConfig
 from qgw.config import load_model
 from qgw.netlab import Lab
 from qgw.pki import kme_dns_name
@@ -77,10 +79,12 @@ EXECUTABLES = {"qgw": [sys.executable, "-m", "qgw"], "python": [sys.executable]}
 THIRD_PARTY_IMAGES = {"mosquitto": "eclipse-mosquitto", "anvil": "ghcr.io/foundry-rs/foundry"}
 THIRD_PARTY_EXECUTABLES = {"mosquitto": mosquitto_binary, "anvil": anvil_binary}
 # The demo apps run as `python -m apps.<name>`.
-APPS = {"apps.keysmoke": keysmoke, "apps.plc": plc, "apps.hmi": hmi, "apps.sensors": sensors}
+APPS = {"apps.keysmoke": keysmoke, "apps.plc": plc, "apps.hmi": hmi, "apps.sensors": sensors,
+        "apps.videocall.server": videocall}
 # Commands that read a config file (--config), and the env prefix of its overrides.
 CONFIG_ENV = {("qgw", "kme", "serve"): "QGW_KME", ("qgw", "gateway", "scada"): "QGW_SCADA",
-              ("qgw", "gateway", "ledger"): "QGW_LEDGER"}
+              ("qgw", "gateway", "ledger"): "QGW_LEDGER",
+              ("qgw", "gateway", "webrtc"): "QGW_WEBRTC"}
 
 
 # -- reading compose.yaml and the Dockerfile -------------------------------------------
@@ -284,7 +288,7 @@ def test_compose_structure() -> None:
     assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.MULTILINE)
     # Every gateway is in the image, the ledger gateway's extra packages too.
     install = re.search(r'^RUN pip install "\.\[([\w,]+)\]"', dockerfile, re.MULTILINE)
-    assert install and "ledger" in install.group(1).split(",")
+    assert install and {"ledger", "webrtc"} <= set(install.group(1).split(","))
     assert image_entrypoint() == ["qgw"]
     user = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
     assert user and user[-1].split(":")[0] not in ("root", "0"), "the image runs as non-root"
@@ -672,6 +676,62 @@ def test_ledger_profile_structure() -> None:
     assert set(start_order(services, ["ledger-smoke"])) == ledger | {"pki", "kme-a", "kme-b"}
 
 
+# -- WebRTC (profile "webrtc") ----------------------------------------------------------
+WEBRTC_GATEWAYS = {"webrtc-camera": "camera", "webrtc-viewer": "viewer"}
+WEBRTC_OTHERS = {"videocall", "webrtc-smoke"}
+
+
+def webrtc_config(name: str) -> WebrtcConfig:
+    svc = services_of("webrtc")[name]
+    argv = service_argv(svc)
+    mounts = Mounts.of(svc, {"state": Path("/nonexistent")})
+    return load_model(Path(mounts.path(argv[argv.index("--config") + 1])), WebrtcConfig)
+
+
+def test_webrtc_profile_structure() -> None:
+    services = services_of("webrtc")
+    webrtc = {*WEBRTC_GATEWAYS, *WEBRTC_OTHERS}
+    assert set(services) == set(services_of()) | webrtc
+    for other in ("madrid", "scada", "opot", "ledger", "ipsec"):
+        assert set(services_of(other)).isdisjoint(webrtc)
+    server = services["videocall"]
+    opts = videocall.parse_args(service_argv(server)[3:])
+    assert (opts.host, opts.port) == ("0.0.0.0", 8090)
+    assert f"127.0.0.1:{opts.port}/healthz" in " ".join(server["healthcheck"]["test"])
+    assert f"127.0.0.1:{opts.port}:{opts.port}" in server["ports"]
+
+    camera, viewer = webrtc_config("webrtc-camera"), webrtc_config("webrtc-viewer")
+    pki_argv = service_argv(services["pki"])
+    attached = dict(pki_argv[i + 1].split("@") for i, a in enumerate(pki_argv) if a == "--sae")
+    assert (camera.role, viewer.role) == ("master", "slave")
+    assert (camera.sae, viewer.sae) == (viewer.peer.sae, camera.peer.sae) == ("SAE_1", "SAE_2")
+    for name, cfg in (("webrtc-camera", camera), ("webrtc-viewer", viewer)):
+        svc = services[name]
+        assert service_argv(svc)[:5] == ["qgw", "gateway", "webrtc", "--config",
+                                         f"/etc/qgw/{WEBRTC_GATEWAYS[name]}.yaml"]
+        assert cfg.kme == f"https://{kme_dns_name(attached[cfg.sae])}:8443"
+        assert cfg.pki == Path("/state/pki") and cfg.key_api == "004"
+        assert cfg.media == "aiortc" and cfg.call.room == camera.call.room
+        assert str(cfg.call.signal).rstrip("/") == f"http://videocall:{opts.port}"
+        assert svc.get("user") is None, "no privileges needed: the image's user"
+        assert depends_on(svc)[f"kme-{'a' if cfg.sae == 'SAE_1' else 'b'}"] == "service_healthy"
+        assert depends_on(svc)["videocall"] == "service_healthy"
+    assert camera.call.name != viewer.call.name
+    assert camera.kme != viewer.kme
+    assert viewer.control_listen is not None
+    assert camera.control_connect == ("webrtc-viewer", viewer.control_listen.port)
+    assert viewer.metrics is not None and camera.metrics is not None
+    health = " ".join(services["webrtc-viewer"]["healthcheck"]["test"])
+    assert f"127.0.0.1:{viewer.metrics.port}/metrics" in health and "qgw_webrtc_protected" in health
+
+    smoke = service_argv(services["webrtc-smoke"])
+    assert smoke[:2] == ["python", "/etc/qgw/smoke.py"]
+    assert smoke[smoke.index("--camera") + 1] == f"webrtc-camera:{camera.metrics.port}"
+    assert smoke[smoke.index("--viewer") + 1] == f"webrtc-viewer:{viewer.metrics.port}"
+    # `up webrtc-smoke` starts the call and the KMEs it needs, nothing else.
+    assert set(start_order(services, ["webrtc-smoke"])) == webrtc | {"pki", "kme-a", "kme-b"}
+
+
 # -- IPsec (profile "ipsec") -----------------------------------------------------------
 # Structure only: this profile cannot run here. Its gateways need ESP in the kernel, and
 # this one has none (`qgw gateway ipsec` stops at start, naming CONFIG_INET_ESP), so the
@@ -904,7 +964,9 @@ def test_ipsec_profile_structure(monkeypatch: pytest.MonkeyPatch) -> None:
                                      "opot-ingress", "opot-sf1", "opot-sf2", "opot-egress",
                                      "client", "server", "ledger-account", "ledger-writer",
                                      "ledger-reader", "sensors", "ledger-smoke",
-                                     "ipsec-prepare", "kme-ipsec-a", "kme-ipsec-b"])
+                                     "ipsec-prepare", "kme-ipsec-a", "kme-ipsec-b",
+                                     "videocall", "webrtc-camera", "webrtc-viewer",
+                                     "webrtc-smoke"])
 def test_service_command_parses(service: str) -> None:
     """Each service's argv is accepted by the real CLI (instead of `docker compose config`).
 
@@ -1122,3 +1184,22 @@ def test_ledger_profile_runs_in_namespaces(lab: Lab) -> None:
     assert metric(writer, "qgw_ledger_keys_fetched_total") >= 1
     assert os.stat(named["state"] / "ledger-writer" / "account.key").st_mode & 0o077 == 0
     print(f"ledger profile in namespaces: {took:.1f} s")
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_webrtc_profile_runs_in_namespaces(lab: Lab) -> None:
+    """The signalling server, the KMEs and both participants; the smoke check waits for
+    60 verified pictures each way."""
+    started = time.monotonic()
+    run_in_namespaces(lab, "webrtc", "webrtc-smoke", only_smoke=True, smoke_timeout_s=150)
+    took = time.monotonic() - started
+    out = lab.tail("webrtc-smoke")
+    assert re.search(r"OK: viewer shows \d+ camera pictures, camera shows \d+ viewer pictures; "
+                     r"undecodable 0, dropped 0", out), out
+    for name in ("videocall", *WEBRTC_GATEWAYS):
+        assert lab.procs[name].poll() is None, f"{name} died:\n{lab.tail(name)}"
+    camera = scrape(lab, "webrtc-camera", 9630)
+    assert metric(camera, "qgw_webrtc_protected") == 1.0
+    assert metric(camera, "qgw_webrtc_frames_total", direction="sealed") > 0
+    print(f"webrtc profile in namespaces: {took:.1f} s")
