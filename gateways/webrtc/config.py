@@ -90,9 +90,9 @@ class WebrtcConfig(GatewayConfig):
         if self.role == "slave" and (self.control_listen is None or self.peer.control):
             raise ValueError("a slave has control_listen (where the master connects) and "
                              "no peer.control")
-        if self.media == "browser" and self.handoff.host not in ("127.0.0.1", "::1",
-                                                                 "localhost"):
-            raise ValueError("handoff.host must be a loopback address: it hands out keys")
+        if self.media == "browser" and self.handoff.host not in ("127.0.0.1", "localhost"):
+            # IPv4 loopback only: the page's Content-Security-Policy cannot name [::1].
+            raise ValueError("handoff.host must be 127.0.0.1 or localhost: it hands out keys")
         return self
 
     @property

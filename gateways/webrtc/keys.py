@@ -109,6 +109,9 @@ class MediaKeys:
         self._epochs: dict[int, _Epoch] = {}
         self._active: _Epoch | None = None
         self._listeners: list[Listener] = []
+        # Held while events go out and while a new listener gets the held keys, so a
+        # listener sees every change once, in order, and never an older state after it.
+        self._events = threading.RLock()
         self.closed_reason: str | None = "no key yet"
         self.rotations = 0
         self.sealed = 0
@@ -237,16 +240,17 @@ class MediaKeys:
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call `listener` on every key change, starting with the keys held now."""
-        with self._lock:
-            self._listeners.append(listener)
-            held = [self._install_event(ep) for ep in sorted(self._epochs.values(),
-                                                             key=lambda e: e.epoch)]
-            active = self._active
-        for event in held:
-            listener(event)
-        if active is not None:
-            listener(KeyEvent("activate", epoch=active.epoch, send_kid=active.send_kid,
-                              source=active.source, key_id=active.key_id))
+        with self._events:
+            with self._lock:
+                held = [self._install_event(ep) for ep in sorted(self._epochs.values(),
+                                                                 key=lambda e: e.epoch)]
+                active = self._active
+                self._listeners.append(listener)
+            for event in held:
+                listener(event)
+            if active is not None:
+                listener(KeyEvent("activate", epoch=active.epoch, send_kid=active.send_kid,
+                                  source=active.source, key_id=active.key_id))
 
         def unsubscribe() -> None:
             with self._lock:
@@ -261,11 +265,12 @@ class MediaKeys:
                         key_id=ep.key_id)
 
     def _emit(self, event: KeyEvent) -> None:
-        with self._lock:
-            listeners = list(self._listeners)
-        for listener in listeners:
-            try:
-                listener(event)
-            except Exception:  # one broken page must not stop the keys
-                log.exception("a key listener failed on %s", event.kind)
+        with self._events:
+            with self._lock:
+                listeners = list(self._listeners)
+            for listener in listeners:
+                try:
+                    listener(event)
+                except Exception:  # one broken page must not stop the keys
+                    log.exception("a key listener failed on %s", event.kind)
 
