@@ -69,6 +69,24 @@ class Gateway(abc.ABC):
         """Counters and state for status output and metrics; never key material."""
 
 
+class ThreadedGateway(Gateway):
+    """A gateway whose data plane runs in threads of its own: `open` and `close` do the
+    work, from any thread (the CLI calls them directly); start and stop wrap them."""
+
+    async def start(self) -> None:
+        self.open()
+
+    async def stop(self) -> None:
+        self.close()
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Bring up the data plane and the key session(s); return once running."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Remove everything the gateway installed and stop; safe after a failed open."""
+
 
 @dataclass(frozen=True)
 class GatewayEntry:

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from prometheus_client import CollectorRegistry, start_http_server
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -54,6 +61,38 @@ class GatewayConfig(Strict):
         if not v.startswith("https://"):
             raise ValueError("the KME URL must start with https:// (mutual TLS)")
         return v.rstrip("/")
+
+
+class PairPeer(Strict):
+    """The other gateway of a master/slave pair."""
+
+    sae: str
+    control: str | None = None       # HOST:PORT of the slave's control listener (master only)
+
+    _check = field_validator("control")(lambda v: None if v is None else checked_hostport(v))
+
+
+class PairConfig(GatewayConfig):
+    """A gateway that is one end of a pair: the master connects its control channel to
+    the slave's `control_listen` (mutual TLS, the same PKI)."""
+
+    role: Literal["master", "slave"]
+    peer: PairPeer
+    control_listen: Listen | None = None   # slave only
+
+    @model_validator(mode="after")
+    def _pair_shape(self) -> PairConfig:
+        if self.role == "master" and (self.peer.control is None or self.control_listen):
+            raise ValueError("a master names the slave's control listener (peer.control) "
+                             "and has no control_listen")
+        if self.role == "slave" and (self.control_listen is None or self.peer.control):
+            raise ValueError("a slave has control_listen (where the master connects) and "
+                             "no peer.control")
+        return self
+
+    @property
+    def control_connect(self) -> tuple[str, int] | None:
+        return None if self.peer.control is None else hostport(self.peer.control)
 
 
 def serve_metrics(listen: Listen | None, registry: CollectorRegistry) -> Callable[[], None]:

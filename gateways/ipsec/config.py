@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from gateways.config import GatewayConfig, Listen, Strict, checked_hostport, hostport
+from gateways.config import PairConfig, PairPeer, Strict
 from keyclient.policy import SessionPolicy
 from qgw.config import load_model
 
@@ -41,16 +41,9 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class Peer(Strict):
-    sae: str
+class Peer(PairPeer):
     address: Address                 # the peer gateway's tunnel (outer) address
     subnets: Annotated[list[Network], Field(min_length=1)]
-    control: str | None = None       # HOST:PORT of the slave's control listener (master only)
-
-    @field_validator("control")
-    @classmethod
-    def _control(cls, v: str | None) -> str | None:
-        return None if v is None else checked_hostport(v)
 
 
 class Lifetime(Strict):
@@ -75,12 +68,10 @@ class Lifetime(Strict):
         return self
 
 
-class IpsecConfig(GatewayConfig):
-    role: Literal["master", "slave"]
+class IpsecConfig(PairConfig):
     local: Address
     local_subnets: Annotated[list[Network], Field(min_length=1)]
     peer: Peer
-    control_listen: Listen | None = None   # slave only
     reqid: Annotated[int, Field(ge=1, le=0xFFFF)] = 0x51D0
     priority: Annotated[int, Field(ge=0)] = 1000
     replay_window: Annotated[int, Field(ge=0, le=32)] = 32
@@ -89,21 +80,11 @@ class IpsecConfig(GatewayConfig):
 
     @model_validator(mode="after")
     def _shape(self) -> IpsecConfig:
-        if self.role == "master" and (self.peer.control is None or self.control_listen):
-            raise ValueError("a master names the slave's control listener (peer.control) "
-                             "and has no control_listen")
-        if self.role == "slave" and (self.control_listen is None or self.peer.control):
-            raise ValueError("a slave has control_listen (where the master connects) and "
-                             "no peer.control")
         if self.local.version != self.peer.address.version:
             raise ValueError("local and peer.address must be the same IP version")
         if self.local == self.peer.address:
             raise ValueError("local and peer.address are the same address")
         return self
-
-    @property
-    def control_connect(self) -> tuple[str, int] | None:
-        return None if self.peer.control is None else hostport(self.peer.control)
 
 
 def load(path: Path) -> IpsecConfig:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateways.base import Gateway, GatewayState
+from gateways.base import GatewayState, ThreadedGateway
 from gateways.config import serve_metrics
 from gateways.ipsec.config import IpsecConfig
 from gateways.ipsec.keys import Endpoints, EspKeys
@@ -35,7 +35,7 @@ from qgw.pki import Pki
 log = logging.getLogger("qgw.gateway.ipsec")
 
 
-class IpsecGateway(Gateway):
+class IpsecGateway(ThreadedGateway):
     name: ClassVar[str] = "ipsec"
     summary: ClassVar[str] = "kernel ESP tunnel between two sites, SAs keyed by QKD (XFRM)"
 
@@ -55,11 +55,6 @@ class IpsecGateway(Gateway):
         self._kme: Etsi014Client | None = None
         self._stop_metrics: Callable[[], None] = lambda: None
 
-    async def start(self) -> None:
-        self.open()
-
-    async def stop(self) -> None:
-        self.close()
 
     def open(self) -> None:
         cfg = self.cfg

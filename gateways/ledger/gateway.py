@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateways.base import Gateway, GatewayState
+from gateways.base import GatewayState, ThreadedGateway
 from gateways.config import serve_metrics
 from gateways.ledger.chain import Ledger, LedgerError
 from gateways.ledger.config import ChainSection, LedgerConfig
@@ -73,7 +73,7 @@ def connect(section: ChainSection) -> Ledger:
             delay = min(delay * 2, 5.0)
 
 
-class LedgerGateway(Gateway):
+class LedgerGateway(ThreadedGateway):
     name: ClassVar[str] = "ledger"
     summary: ClassVar[str] = ("IoT readings sealed with QKD keys, batched and anchored on an "
                               "Ethereum ledger; the partner decrypts")
@@ -101,11 +101,6 @@ class LedgerGateway(Gateway):
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self.open()
-
-    async def stop(self) -> None:
-        self.close()
 
     def open(self) -> None:
         cfg = self.cfg

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateways.base import Gateway, GatewayState
+from gateways.base import GatewayState, ThreadedGateway
 from gateways.config import hostport, serve_metrics
 from gateways.opot.config import ControllerCfg, OpotConfig
 from gateways.opot.dataplane import ChainNode
@@ -205,7 +205,7 @@ class ProfileController:
             raise TimeoutError(f"{node} refused profile {index}")
 
 
-class OpotGateway(Gateway):
+class OpotGateway(ThreadedGateway):
     name = "opot"
     summary = "Ordered proof of transit for service function chains, keyed by QKD"
 
@@ -222,11 +222,6 @@ class OpotGateway(Gateway):
         self._kme: Etsi014Client | None = None
         self._stop_metrics: Callable[[], None] = lambda: None
 
-    async def start(self) -> None:
-        self.open()
-
-    async def stop(self) -> None:
-        self.close()
 
     def open(self) -> None:
         cfg = self.cfg

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateways.base import Gateway, GatewayState
+from gateways.base import GatewayState, ThreadedGateway
 from gateways.config import serve_metrics
 from gateways.scada.config import ScadaConfig
 from gateways.scada.keys import PairKeys, Side
@@ -36,7 +36,7 @@ log = logging.getLogger("qgw.gateway.scada")
 SOCKET_BUFFER = 4 << 20
 
 
-class ScadaGateway(Gateway):
+class ScadaGateway(ThreadedGateway):
     name = "scada"
     summary = "QKD-keyed tunnel for Modbus/TCP between control centre and substations"
 
@@ -55,11 +55,6 @@ class ScadaGateway(Gateway):
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self.open()
-
-    async def stop(self) -> None:
-        self.close()
 
     def open(self) -> None:
         """Bring up TUN device, UDP socket, data plane and one key session per pair."""

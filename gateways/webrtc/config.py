@@ -28,25 +28,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, Field, field_validator, model_validator
+from pydantic import AnyHttpUrl, Field, model_validator
 
-from gateways.config import GatewayConfig, Listen, Strict, checked_hostport, hostport
+from gateways.config import PairConfig, Strict
 from gateways.webrtc.sframe import CipherSuite
 from keyclient.policy import SessionPolicy
 from qgw.config import load_model
 
 SUITES = {"AES_256_GCM_SHA512_128": CipherSuite.AES_256_GCM_SHA512_128,
           "AES_128_GCM_SHA256_128": CipherSuite.AES_128_GCM_SHA256_128}
-
-
-class Peer(Strict):
-    sae: str
-    control: str | None = None       # HOST:PORT of the slave's control listener (master only)
-
-    @field_validator("control")
-    @classmethod
-    def _control(cls, v: str | None) -> str | None:
-        return None if v is None else checked_hostport(v)
 
 
 class Call(Strict):
@@ -69,10 +59,7 @@ class Handoff(Strict):
     origins: list[str] = Field(default_factory=list)  # allowed pages; empty: the call server
 
 
-class WebrtcConfig(GatewayConfig):
-    role: Literal["master", "slave"]
-    peer: Peer
-    control_listen: Listen | None = None   # slave only
+class WebrtcConfig(PairConfig):
     key_api: Literal["004", "014"] = "004"
     suite: Literal["AES_256_GCM_SHA512_128", "AES_128_GCM_SHA256_128"] = \
         "AES_256_GCM_SHA512_128"
@@ -84,20 +71,10 @@ class WebrtcConfig(GatewayConfig):
 
     @model_validator(mode="after")
     def _shape(self) -> WebrtcConfig:
-        if self.role == "master" and (self.peer.control is None or self.control_listen):
-            raise ValueError("a master names the slave's control listener (peer.control) "
-                             "and has no control_listen")
-        if self.role == "slave" and (self.control_listen is None or self.peer.control):
-            raise ValueError("a slave has control_listen (where the master connects) and "
-                             "no peer.control")
         if self.media == "browser" and self.handoff.host not in ("127.0.0.1", "localhost"):
             # IPv4 loopback only: the page's Content-Security-Policy cannot name [::1].
             raise ValueError("handoff.host must be 127.0.0.1 or localhost: it hands out keys")
         return self
-
-    @property
-    def control_connect(self) -> tuple[str, int] | None:
-        return None if self.peer.control is None else hostport(self.peer.control)
 
     @property
     def cipher_suite(self) -> CipherSuite:

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateways.base import Gateway, GatewayState
+from gateways.base import GatewayState, ThreadedGateway
 from gateways.config import serve_metrics
 from gateways.webrtc.config import WebrtcConfig
 from gateways.webrtc.keys import MediaKeys
@@ -44,7 +44,7 @@ log = logging.getLogger("qgw.gateway.webrtc")
 STOP_TIMEOUT_S = 10.0
 
 
-class WebrtcGateway(Gateway):
+class WebrtcGateway(ThreadedGateway):
     name: ClassVar[str] = "webrtc"
     summary: ClassVar[str] = "end-to-end encrypted video call (SFrame, RFC 9605) keyed by QKD"
 
@@ -62,11 +62,6 @@ class WebrtcGateway(Gateway):
         self._media_done: Future[Any] | None = None
         self._stop_metrics: Callable[[], None] = lambda: None
 
-    async def start(self) -> None:
-        self.open()
-
-    async def stop(self) -> None:
-        self.close()
 
     def open(self) -> None:
         cfg = self.cfg
