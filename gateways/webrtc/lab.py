@@ -54,7 +54,9 @@ class CallLab:
         return f"http://{self.lab.addresses['call']}:{SIGNAL_PORT}"
 
     def write_config(self, side: str, keys: dict[str, Any] | None = None,
-                     name: str | None = None) -> Path:
+                     name: str | None = None, media: str = "aiortc") -> Path:
+        """Side's gateway config; `media: browser` keys a browser page instead of aiortc
+        (its key handoff on the namespace's loopback, the page served by `call`)."""
         lab, other = self.lab, "b" if side == "a" else "a"
         cfg: dict[str, Any] = {
             "role": "master" if side == "a" else "slave",
@@ -64,7 +66,7 @@ class CallLab:
             "keys": keys if keys is not None else self.keys,
             "call": {"signal": self.signal_url, "room": "lab",
                      "name": name or ("camera" if side == "a" else "viewer")},
-            "media": "aiortc",
+            "media": media,
             "video": self.video,
             "metrics": {"host": "0.0.0.0", "port": METRICS_PORT},
         }
