@@ -17,7 +17,10 @@ when the signalling server is unreachable or drops the connection, it tries
 again every `retry_s`. So a gateway can run it for as long as it runs.
 
 SFrame is on for the whole run (`media.frame_crypto`), which makes this one
-participant per process.
+participant per process. Two opt-in hooks serve the benchmark (`bench.webrtc`):
+`crypto=False` runs plain aiortc, its baseline (never for a gateway: media would
+go out without SFrame), and `frame_times=True` records when each pattern frame
+was made and shown (`FrameTimes`, the latest call's) for glass-to-glass latency.
 """
 
 from __future__ import annotations
@@ -54,6 +57,16 @@ T = TypeVar("T")
 SIGNAL_TIMEOUT_S = 30.0      # for the server's answer to join
 GATHER_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class FrameTimes:
+    """time.monotonic() of one call's pattern frames (CLOCK_MONOTONIC: one clock for
+    every process and network namespace of the machine, so two participants' times
+    compare directly)."""
+
+    created: list[float] = field(default_factory=list)            # index: frame count
+    shown: list[tuple[int, float]] = field(default_factory=list)  # (pattern number, when)
 
 
 class CallEnded(Exception):
@@ -118,7 +131,8 @@ class Participant:
                  width: int = 640, height: int = 360, fps: float = 30.0,
                  audio: bool = True, ice_servers: Sequence[RTCIceServer] = (),
                  ssl_context: ssl.SSLContext | None = None,
-                 retry_s: float | None = 2.0) -> None:
+                 retry_s: float | None = 2.0, crypto: bool = True,
+                 frame_times: bool = False) -> None:
         self.ws_url = signalling_ws_url(signal_url)
         self.room, self.name = room, name
         self.keys = keys
@@ -129,6 +143,9 @@ class Participant:
         self.ice_servers = list(ice_servers)
         self.ssl_context = ssl_context
         self.retry_s = retry_s          # None: a signalling failure ends the run
+        self.crypto = crypto            # False: plain aiortc, the benchmark's baseline only
+        self._record_times = frame_times
+        self.frame_times: FrameTimes | None = None     # the latest call's, if recorded
         self._checker = PatternChecker()
         self._calls = self._connected = self._audio_received = 0
         self._offerer: bool | None = None
@@ -186,8 +203,10 @@ class Participant:
         self._finished.clear()
         timer = (asyncio.get_running_loop().call_later(seconds, self._stop.set)
                  if seconds is not None else None)
+        layer: contextlib.AbstractContextManager[FrameCrypto | None] = (
+            frame_crypto(self.keys) if self.crypto else contextlib.nullcontext())
         try:
-            with frame_crypto(self.keys) as crypto:
+            with layer as crypto:
                 self._crypto = crypto
                 await self._run_sessions()
         finally:
@@ -293,7 +312,10 @@ class Participant:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
         watchers: list[asyncio.Task[None]] = []
         failed = asyncio.Event()
-        self._camera = PatternTrack(self.width, self.height, self.fps)
+        times = FrameTimes() if self._record_times else None
+        self.frame_times = times
+        self._camera = PatternTrack(self.width, self.height, self.fps,
+                                    created=times.created if times is not None else None)
         _prefer(pc.addTransceiver(self._camera, direction="sendrecv"), "video/VP8")
         if self.audio:
             self._tone = ToneTrack()
@@ -353,12 +375,17 @@ class Participant:
 
     async def _watch_video(self, track: MediaStreamTrack) -> None:
         self._checker.restart()     # a new stream: its numbers start over
+        times = self.frame_times
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            self._checker.feed(read_pattern(frame))  # type: ignore[arg-type]
+            shown = time.monotonic() if times is not None else 0.0
+            number = read_pattern(frame)  # type: ignore[arg-type]
+            if times is not None and number is not None:
+                times.shown.append((number, shown))
+            self._checker.feed(number)
 
     async def _watch_audio(self, track: MediaStreamTrack) -> None:
         while True:

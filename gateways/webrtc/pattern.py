@@ -124,15 +124,21 @@ def pattern_follows(previous: int, number: int) -> bool:
 
 
 class PatternTrack(VideoStreamTrack):
-    """A camera showing frame numbers 0, 1, 2, ... (mod 2^16) at `fps`."""
+    """A camera showing frame numbers 0, 1, 2, ... (mod 2^16) at `fps`.
 
-    def __init__(self, width: int = 640, height: int = 360, fps: float = 30.0) -> None:
+    `created`, if given, gets the time.monotonic() at which each frame was made
+    (index = frame count): the capture side of a glass-to-glass latency.
+    """
+
+    def __init__(self, width: int = 640, height: int = 360, fps: float = 30.0, *,
+                 created: list[float] | None = None) -> None:
         super().__init__()
         if fps <= 0:
             raise ValueError("fps must be positive")
         self.fps = fps
         self.painter = PatternPainter(width, height)
         self.frames_sent = 0
+        self.created = created
         self._started: float | None = None
 
     async def recv(self) -> av.VideoFrame:
@@ -146,6 +152,9 @@ class PatternTrack(VideoStreamTrack):
         delay = self._started + count / self.fps - now
         if delay > 0:
             await asyncio.sleep(delay)
+        if self.created is not None:
+            # After the pacing sleep: the moment the picture is "captured".
+            self.created.append(time.monotonic())
         frame = self.painter.paint(count % NUMBER_MODULUS)
         frame.pts = round(count * VIDEO_CLOCK_RATE / self.fps)
         frame.time_base = VIDEO_TIME_BASE
