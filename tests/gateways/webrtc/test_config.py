@@ -63,3 +63,17 @@ def test_wrong_shapes_are_refused_with_a_clear_message(change: dict[str, Any],
 def test_a_slave_needs_its_control_listener() -> None:
     with pytest.raises(ValidationError, match="a slave has control_listen"):
         WebrtcConfig.model_validate({**SLAVE, "control_listen": None})
+
+
+def test_cli_names_what_is_wrong_with_a_config(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**MASTER, "kme": "http://kme-a:8443"}))
+    for path, message in ((bad, "the KME URL must start with https://"),
+                          (tmp_path / "missing.yaml", "file does not exist")):
+        out = subprocess.run([sys.executable, "-m", "qgw", "gateway", "webrtc", "--config",
+                              str(path)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and message in out.stdout + out.stderr, out
+        assert "Traceback" not in out.stdout + out.stderr
