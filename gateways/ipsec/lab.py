@@ -113,11 +113,14 @@ class IpsecLab:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
 
+    def start_kme(self, site: str) -> None:
+        self.lab.start(f"kme-{site}", [PY, "-m", "qgw", "kme", "serve", "--config",
+                                       str(self.endpoints[KME[site]].config)],
+                       env=None, ns_of=f"gw-{site}")
+
     def start_kmes(self) -> None:
-        for s in "ab":
-            self.lab.start(f"kme-{s}", [PY, "-m", "qgw", "kme", "serve", "--config",
-                                        str(self.endpoints[KME[s]].config)],
-                           env=None, ns_of=f"gw-{s}")
+        for site in "ab":
+            self.start_kme(site)
 
     def start_gateway(self, site: str) -> None:
         self.lab.start(f"ipsec-{site}", [PY, "-m", "qgw", "gateway", "ipsec", "--config",
