@@ -37,6 +37,16 @@ SUBNET = "10.77.0"
 NETNS_ETC = Path("/etc/netns")
 
 
+def prometheus_samples(text: str) -> dict[str, float]:
+    """A /metrics page as `name{labels}` -> value (what the labs and tests read)."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 def _ip(*args: str) -> None:
     result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
     if result.returncode != 0:

@@ -25,7 +25,7 @@ import yaml
 
 from kme.network import prepare
 from kme.topology import Topology
-from qgw.netlab import Lab
+from qgw.netlab import Lab, prometheus_samples
 
 PY = sys.executable
 SERVICES = ["site-a", "gw-a", "gw-b", "site-b"]
@@ -147,12 +147,7 @@ class IpsecLab:
         out = self.run(f"gw-{site}", fetch, 30)
         if out.returncode != 0:
             raise AssertionError(f"metrics of gw-{site}: {out.stderr}")
-        samples: dict[str, float] = {}
-        for line in out.stdout.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return prometheus_samples(out.stdout)
 
     def metric(self, site: str, name: str) -> float:
         return sum(v for k, v in self.metrics(site).items()

@@ -19,7 +19,7 @@ import yaml
 
 from kme.network import prepare
 from kme.topology import Topology
-from qgw.netlab import Lab
+from qgw.netlab import Lab, prometheus_samples
 
 PY = sys.executable
 SERVICES = ["call", "part-a", "part-b"]
@@ -101,12 +101,7 @@ class CallLab:
         url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
         out = self.lab.output(f"part-{side}", [PY, "-c", "import urllib.request as u; print("
                               f"u.urlopen({url!r}, timeout=5).read().decode())"], 30)
-        samples: dict[str, float] = {}
-        for line in out.stdout.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return prometheus_samples(out.stdout)
 
     def call_counter(self, side: str, counter: str,
                      samples: dict[str, float] | None = None) -> float:

@@ -34,6 +34,7 @@ from gateways.ledger.batch import decode_batch
 from gateways.ledger.chain import Ledger
 from gateways.ledger.ingest import DEFAULT_PREFIX
 from gateways.ledger.state import Deployment, load_or_create_account
+from qgw.netlab import prometheus_samples
 from qgw.pki import Pki
 from qgw.ports import free_ports
 from tests.gateways.ledger.broker import Mosquitto
@@ -96,12 +97,7 @@ class GatewayProcess:
                 text = answer.read().decode()
         except OSError:
             return {}
-        found = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                found[name] = float(value)
-        return found
+        return prometheus_samples(text)
 
     def metric(self, name: str) -> float:
         return self.metrics().get(name, -1.0)
