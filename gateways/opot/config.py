@@ -82,6 +82,14 @@ class ControllerCfg(Strict):
     overlap_s: Annotated[float, Field(ge=0)] = 2.0
     nodes: list[ControlledNode]
 
+    @model_validator(mode="after")
+    def _overlap_within_rotation(self) -> ControllerCfg:
+        # The next rotation reuses the index retired at this one: its overlap must be over.
+        if self.overlap_s >= self.rotate_s:
+            raise ValueError(f"controller.overlap_s ({self.overlap_s}) must be shorter than "
+                             f"controller.rotate_s ({self.rotate_s})")
+        return self
+
 
 class OpotConfig(GatewayConfig):
     role: Literal["ingress", "transit", "egress"]

@@ -102,6 +102,7 @@ DROPS = frozenset({
     "too_big",       # the frame exceeds the outgoing interface's MTU
     "send_failed",   # the outgoing interface refused it (buffer full, down...)
     "rx_dropped",    # the kernel dropped it: this node's socket buffer was full (too slow)
+    "error",         # processing it raised (a bug): logged with its traceback
 })
 
 
@@ -234,6 +235,9 @@ class ChainNode:
         except InvalidProof:
             self.counters["rejected"] += 1
             return None
+        except NotKeyed:
+            self.counters["no_key"] += 1
+            return None
         self.counters["verified"] += 1
         return frame[inner:]
 
@@ -352,7 +356,14 @@ class ChainNode:
                 return n
             if frame is None:
                 continue
-            out = step(frame)
+            try:
+                out = step(frame)
+            except Exception:
+                # A bug met by one frame must not end the loop while the gateway still
+                # reports running: drop the frame, count it, keep the traceback.
+                counters["error"] += 1
+                log.exception("dropping a frame the %s step failed on", self.role)
+                continue
             if out is None:
                 continue
             try:

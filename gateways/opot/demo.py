@@ -2,6 +2,8 @@
 
 A client and a server with an ingress, two service functions and an egress between them,
 each a network namespace running `qgw gateway opot` (root needed); two KMEs key the links.
+The round trip is first measured with every node a plain forwarder (no proofs): use case
+15's KPI is the latency OPoT adds, against that.
 UDP packets cross the chain while link keys change every second and the egress's
 controller rotates the PoT profile every two seconds; every packet must verify.
 """
@@ -60,6 +62,7 @@ class OpotResult:
     rekeys: int = 0
     first_packet_s: float = 0.0
     rtt_s: list[float] = field(default_factory=list)
+    forward_rtt_s: list[float] = field(default_factory=list)   # same chain, no proofs
     rekey_interval_s: float = 1.0
 
     @property
@@ -74,14 +77,18 @@ def run_opot(packets: int = 2000, rate: float = 400.0,
         progress("OPoT: client, ingress, SF1, SF2, egress, server as namespaces; 2 KMEs")
         chain = OpotLab(lab, tmp, keys={"rekey_interval_s": result.rekey_interval_s,
                                         "overlap_s": 1.0}, rotate_s=2.0, overlap_s=1.0)
+        progress("OPoT: the same chain forwarding without proofs, for the baseline")
+        chain.start_http()
+        forwarders = chain.forwarding()
+        result.forward_rtt_s = _round_trips(chain)
+        for svc in forwarders:
+            lab.kill(svc)
         started = time.monotonic()
         chain.start()
         progress("OPoT: link keys agreed, the controller pushing the first profile")
         chain.wait_ready()
         result.first_packet_s = time.monotonic() - started
-        out = chain.run("client", [PY, "-c", RTT], 60)
-        if out.returncode == 0:
-            result.rtt_s = json.loads(out.stdout)
+        result.rtt_s = _round_trips(chain)
         rotations = chain.metric("EGRESS", "qgw_opot_rotations_total")
         rekeys = chain.metric("INGRESS", "qgw_session_rekeys_total")
         verified = chain.metric("EGRESS", "qgw_opot_verified_total")
@@ -98,6 +105,11 @@ def run_opot(packets: int = 2000, rate: float = 400.0,
                                - rotations)
         result.rekeys = int(chain.metric("INGRESS", "qgw_session_rekeys_total") - rekeys)
     return result
+
+
+def _round_trips(chain: OpotLab) -> list[float]:
+    out = chain.run("client", [PY, "-c", RTT], 60)
+    return json.loads(out.stdout) if out.returncode == 0 else []
 
 
 def p50_ms(values: list[float]) -> float:

@@ -167,11 +167,15 @@ class ProfileController:
         (key,) = self.kme.get_keys(self.randomness_peer, 1, 256)
         profile = self.controller.rotate(key.secret)
         key.secret.wipe()
-        for node in self.channels:
-            self._push(node, profile)
-        self.egress.install(profile.verifier())
-        self._send(self.ingress, {"type": "activate", "index": profile.index})
-        self._wait(self.ingress, profile.index, "activated")
+        try:
+            for node in self.channels:
+                self._push(node, profile)
+            self.egress.install(profile.verifier())
+            self._send(self.ingress, {"type": "activate", "index": profile.index})
+            self._wait(self.ingress, profile.index, "activated")
+        except (ChannelDown, TimeoutError):
+            self._abandon(profile)
+            raise
         previous, self.current = self.current, profile
         self.rotations += 1
         if previous is not None:
@@ -182,6 +186,18 @@ class ProfileController:
         log.info("profile %d active on path %s (rotation %d)", profile.index,
                  self.controller.path, self.rotations)
         return profile
+
+    def _abandon(self, profile: Profile) -> None:
+        """Take back a profile that did not reach every node, so that the retry can use its
+        index again: nodes refuse a profile over an index they still hold. Should the
+        ingress have activated it after all (its answer lost), it stops stamping until
+        the retry lands; that beats a chain that never rotates again."""
+        self.controller.abandon(profile)
+        msg: Message = {"type": "retire", "index": profile.index}
+        for node in self.channels:
+            with contextlib.suppress(ChannelDown):
+                self._send(node, msg)
+        self.egress.retire(profile.index)
 
     def _push(self, node: str, profile: Profile) -> None:
         share = asdict(profile.node(node))

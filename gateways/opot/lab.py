@@ -139,12 +139,36 @@ class OpotLab:
                                        str(self.configs[node]), "--status-every", "1"],
                        env=None)
 
+    def start_http(self) -> None:
+        """The server the round trips are measured against (TCP connect to port 8000)."""
+        if "http" not in self.lab.procs:
+            self.lab.start("http", [PY, "-m", "http.server", "8000", "--bind", SERVER_IP],
+                           env=None, ns_of="server")
+
     def start(self) -> None:
         self.start_kmes()
-        self.lab.start("http", [PY, "-m", "http.server", "8000", "--bind", SERVER_IP],
-                       env=None, ns_of="server")
+        self.start_http()
         for node in reversed(NODES):
             self.start_node(node)
+
+    def forwarding(self) -> list[str]:
+        """Every node a plain forwarder (the data plane's `forward` role), no proof and no
+        keys: the same chain as the baseline for what OPoT adds. Returns the services, to
+        `lab.kill` before `start`."""
+        services = []
+        for node in NODES:
+            svc = f"forward-{ns_name(node)}"
+            self.lab.start(svc, [PY, "-m", "gateways.opot.dataplane", "--role", "forward",
+                                 "--left", "left", "--right", "right", "--spi", "42"],
+                           env=None, ns_of=ns_name(node))
+            services.append(svc)
+        deadline = time.monotonic() + 30
+        for svc in services:
+            while '"ready"' not in self.lab.tail(svc):
+                if time.monotonic() > deadline or self.lab.procs[svc].poll() is not None:
+                    raise RuntimeError(f"{svc} did not start:\n{self.lab.tail(svc)}")
+                time.sleep(0.1)
+        return services
 
     def run(self, service: str, argv: list[str], timeout_s: float) -> \
             subprocess.CompletedProcess[str]:

@@ -65,7 +65,13 @@ class MaskKey:
 
     def _expand(self, batch: int) -> tuple[int, ...]:
         counter = (batch * _BLOCKS_PER_BATCH).to_bytes(16, "big")
-        enc = Cipher(algorithms.AES(self._key.expose()), modes.CTR(counter)).encryptor()
+        try:
+            key = self._key.expose()
+        except ValueError:
+            # Retired by the session's thread while this packet was on its way: the packet
+            # is dropped as unkeyed, the packet loop goes on.
+            raise NotKeyed("the link's mask key was retired") from None
+        enc = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
         words = _WORDS.unpack(enc.update(_ZEROS))
         if len(self._cache) >= _CACHED:
             del self._cache[next(iter(self._cache))]

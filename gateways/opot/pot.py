@@ -234,6 +234,11 @@ class Controller:
         self.next_index ^= 1
         return profile
 
+    def abandon(self, profile: Profile) -> None:
+        """`profile` never went live (a node refused it or was unreachable): the next
+        rotation reuses its index, so the live profile's index is never taken."""
+        self.next_index = profile.index
+
     @staticmethod
     def make_profile(nodes: Sequence[str], randomness: bytes | Secret, *, index: int = 0,
                      path: str = "", prime: int = PRIME) -> Profile:

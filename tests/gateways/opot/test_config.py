@@ -217,3 +217,11 @@ def test_model_is_frozen() -> None:
     cfg = OpotConfig.model_validate(transit())
     with pytest.raises(Exception, match="frozen"):
         cfg.node = "SF2"  # type: ignore[misc]
+
+
+def test_profile_overlap_must_end_before_the_next_rotation(tmp_path: Path) -> None:
+    cfg = egress()
+    cfg["controller"] = cfg["controller"] | {"rotate_s": 5, "overlap_s": 5}
+    with pytest.raises(ConfigError, match=re.escape("controller.overlap_s (5.0) must be shorter "
+                                                    "than controller.rotate_s (5.0)")):
+        load(write(tmp_path, cfg))

@@ -279,3 +279,39 @@ def test_harness_builds_its_node_and_fails_cleanly_on_a_missing_interface(
     with pytest.raises(SystemExit, match="no key for link ingress>sf1"):
         main(["--role", "transit", "--left", "a", "--right", "b", "--spi", "1",
               "--node", "sf1", "--profile-json", str(profile), "--links-json", str(links)])
+
+
+def test_a_mask_key_wiped_under_a_packet_drops_it_as_unkeyed() -> None:
+    # The session's thread retires an epoch while the packet loop holds its MaskKey: the
+    # packet is dropped as unkeyed instead of raising out of the loop.
+    c = Chain.build()
+    stamped = c.sf2.process(c.sf1.process(c.ingress.process(IPV4) or b"") or b"")
+    assert stamped is not None
+    assert isinstance(c.egress.logic, Egress) and c.egress.logic.upstream is not None
+    key = c.egress.logic.upstream.receiving(1)
+    assert key is not None
+    key.wipe()
+    assert c.egress.process(stamped) is None
+    assert c.egress.counters == {"no_key": 1}
+
+
+def test_a_frame_the_step_fails_on_is_counted_and_the_loop_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    c = Chain.build()
+    frames = [IPV4, b"boom", IPV4]
+    sent: list[bytes] = []
+
+    def receive() -> bytes:
+        if not frames:
+            raise BlockingIOError
+        return frames.pop(0)
+
+    def step(frame: bytes) -> bytes | None:
+        if frame == b"boom":
+            raise RuntimeError("a bug")
+        return c.ingress.process(frame)
+
+    assert c.ingress._drain(receive, lambda f: sent.append(f) or len(f), step) == 3
+    assert len(sent) == 2
+    assert c.ingress.counters["error"] == 1 and "error" in DROPS
+    assert "step failed" in caplog.text

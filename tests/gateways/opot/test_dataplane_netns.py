@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from gateways.opot.dataplane import DROPS
+from gateways.opot.wire import NshPot
 from qgw.netlab import Lab, unavailable
 
 pytestmark = pytest.mark.netns
@@ -336,7 +337,16 @@ def test_swapped_service_functions_fail_ordered_but_pass_plain_pot(chain: ChainL
     assert "rejected" not in results[False][1]
 
 
-def test_a_replayed_frame_is_rejected(chain: ChainLab) -> None:
+def forged(frame: bytes, *, seq_ahead: int, cml_xor: int = 0) -> bytes:
+    """`frame` with its proof moved to a sequence number not seen yet (and its CML altered):
+    what an attacker on the last link can make without the chain's secrets."""
+    nsh = NshPot.parse(frame[14:])
+    nsh.proof = nsh.proof._replace(seq=nsh.proof.seq + seq_ahead,
+                                   cml=nsh.proof.cml ^ cml_xor)
+    return frame[:14] + bytes(nsh) + frame[14 + nsh.length:]
+
+
+def test_a_replayed_or_forged_frame_is_rejected(chain: ChainLab) -> None:
     nodes = Running(chain, normal())
     frame = chain.tmp / "captured.bin"
     try:
@@ -351,11 +361,18 @@ def test_a_replayed_frame_is_rejected(chain: ChainLab) -> None:
         # Re-inject it where it came from: sf2's right side, the egress's left.
         out = chain.lab.output("sf2", [PY, str(chain.tools), "inject", "right", str(frame)], 10)
         assert out.returncode == 0, out.stderr
+        # Forged: the same proof under a fresh sequence number, and one with a CML bit flipped.
+        for n, (ahead, flip) in enumerate([(1000, 0), (2000, 1)]):
+            fake = chain.tmp / f"forged{n}.bin"
+            fake.write_bytes(forged(frame.read_bytes(), seq_ahead=ahead, cml_xor=flip))
+            out = chain.lab.output("sf2", [PY, str(chain.tools), "inject", "right", str(fake)],
+                                   10)
+            assert out.returncode == 0, out.stderr
         time.sleep(0.5)
         got = chain.stop(receiver)
     finally:
         reports = nodes.stop()
     assert frame.read_bytes()[12:14] == b"\x89\x4f"
     assert got["count"] == 1
-    assert reports["egress"]["rejected"] == {"replay": 1}
+    assert reports["egress"]["rejected"] == {"replay": 1, "proof": 2}
     assert counters(reports["egress"])["verified"] == 6
