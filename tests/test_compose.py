@@ -84,7 +84,8 @@ APPS = {"apps.keysmoke": keysmoke, "apps.plc": plc, "apps.hmi": hmi, "apps.senso
 # Commands that read a config file (--config), and the env prefix of its overrides.
 CONFIG_ENV = {("qgw", "kme", "serve"): "QGW_KME", ("qgw", "gateway", "scada"): "QGW_SCADA",
               ("qgw", "gateway", "ledger"): "QGW_LEDGER",
-              ("qgw", "gateway", "webrtc"): "QGW_WEBRTC"}
+              ("qgw", "gateway", "webrtc"): "QGW_WEBRTC",
+              ("qgw", "gateway", "opot"): "QGW_OPOT"}
 
 
 # -- reading compose.yaml and the Dockerfile -------------------------------------------
@@ -446,11 +447,8 @@ def test_scada_profile_structure() -> None:
 
 
 # -- OPoT (profile "opot") -------------------------------------------------------------
-# Structure only. There is no namespace run of this profile: its data path needs
-# point-to-point links between neighbours (one compose network per hop, each interface
-# named by `interface_name`), which the namespace runner above does not model (every
-# service gets one eth0 on one bridge). The same node commands and configs run in
-# namespaces, on veth pairs, in tests/gateways/opot/test_opot_netns.py.
+# Its data path is a line of point-to-point hop networks (each interface named by
+# `interface_name`): the namespace runner makes each a veth pair (point_to_point).
 OPOT_NODES = {"opot-ingress": "INGRESS", "opot-sf1": "SF1", "opot-sf2": "SF2",
               "opot-egress": "EGRESS"}
 OPOT_KMES = {"kme-opot-a": "KME_OPOT_A", "kme-opot-b": "KME_OPOT_B"}
@@ -1053,6 +1051,11 @@ def run_in_namespaces(lab: Lab, profile: str | None, smoke: str, *, only_smoke: 
         for address in fixed_addresses(services[name]).values():
             subprocess.run(["ip", "-n", lab.namespaces[name], "addr", "add", address,
                             "dev", "eth0"], check=True, capture_output=True, timeout=10)
+        for key, value in (services[name].get("sysctls") or {}).items():
+            subprocess.run(["ip", "netns", "exec", lab.namespaces[owners[name]], "sysctl",
+                            "-q", "-w", f"{key}={value}"], check=True, capture_output=True,
+                           timeout=10)
+    point_to_point(lab, {name: owners[name] for name in order}, services)
 
     for service in order:
         svc = services[service]
@@ -1074,6 +1077,30 @@ def run_in_namespaces(lab: Lab, profile: str | None, smoke: str, *, only_smoke: 
     code = wait_exit(lab, smoke, smoke_timeout_s)
     assert code == 0, f"{smoke} exited with code {code}:\n{lab.tail(smoke)}"
     return named
+
+
+def point_to_point(lab: Lab, owners: dict[str, str], services: dict[str, Any]) -> None:
+    """Compose networks whose members name their interface (`interface_name`): a veth pair
+    between the two members' namespaces, each end named as compose would name it, with the
+    network's MTU (`com.docker.network.driver.mtu`, else 1500)."""
+    networks = load_compose().get("networks") or {}
+    ends: dict[str, list[tuple[str, str]]] = {}
+    for name, owner in owners.items():
+        for net, spec in (services[name].get("networks") or {}).items():
+            if isinstance(spec, dict) and spec.get("interface_name"):
+                ends.setdefault(net, []).append((owner, spec["interface_name"]))
+    for net, members in ends.items():
+        assert len(members) == 2, f"{net}: only two-member networks are modelled: {members}"
+        mtu = str(((networks.get(net) or {}).get("driver_opts") or {}).get(
+            "com.docker.network.driver.mtu", 1500))
+        (a, a_if), (b, b_if) = members
+        ns_a, ns_b = lab.namespaces[a], lab.namespaces[b]
+        subprocess.run(["ip", "-n", ns_a, "link", "add", a_if, "type", "veth", "peer",
+                        "name", b_if, "netns", ns_b], check=True, capture_output=True,
+                       timeout=10)
+        for ns, ifname in ((ns_a, a_if), (ns_b, b_if)):
+            subprocess.run(["ip", "-n", ns, "link", "set", ifname, "mtu", mtu, "up"],
+                           check=True, capture_output=True, timeout=10)
 
 
 def assert_keys_matched(lab: Lab, smoke: str) -> None:
@@ -1156,6 +1183,23 @@ def test_scada_profile_runs_in_namespaces(lab: Lab) -> None:
     assert metric(sub1, "qgw_scada_received_packets_total") >= requests
     assert metric(sub1, "qgw_scada_dropped_packets_total", reason="policy") == 0
     print(f"scada profile in namespaces: {took:.1f} s")
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(180)
+def test_opot_profile_runs_in_namespaces(lab: Lab) -> None:
+    """Two KMEs, the four chain nodes on their hop links, the echo server, and the client's
+    smoke run: 500 datagrams through the chain, each proven and verified, all echoed."""
+    started = time.monotonic()
+    run_in_namespaces(lab, "opot", "client", only_smoke=True)
+    took = time.monotonic() - started
+    assert "OK: 500/500 datagrams came back" in lab.tail("client"), lab.tail("client")
+    for name in OPOT_NODES:
+        assert lab.procs[name].poll() is None, f"{name} died:\n{lab.tail(name)}"
+    egress = scrape(lab, "opot-egress", 9700)
+    assert metric(egress, "qgw_opot_verified_total") >= 500
+    assert metric(egress, "qgw_opot_rejected_total") == 0
+    print(f"opot profile in namespaces: {took:.1f} s")
 
 
 @pytest.mark.netns
