@@ -408,13 +408,20 @@ class SlaveAgreement:
             slave_sae=s.local_sae, epoch=epoch, source=source.value))
         if qkd is not None:
             qkd.secret.wipe()
-        s.install(key)
+        s.install(key)  # inbound first: the master may switch as soon as it reads rekey_ok
+        self.last_epoch = epoch  # never taken again, confirmed or not
+        if not s.send({"type": "rekey_ok", "epoch": epoch}):
+            # The master cannot learn that this side has the key, so it never switches
+            # to it: keep the confirmed key, and its lifetime, as if no offer had come.
+            s.retire_now(epoch)
+            s.note(rekey_failures=s.status().rekey_failures + 1,
+                   last_error=f"could not confirm epoch {epoch}: master gateway "
+                              f"{s.peer_sae} is not connected")
+            return
         s.activate(key, now)
-        self.last_epoch = epoch
         lifetimes = [x for x in (msg.get("lifetime_s"), s.policy.key_lifetime_s())
                      if isinstance(x, int | float)]
         self.expires_at = now + min(lifetimes) if lifetimes else None
-        s.send({"type": "rekey_ok", "epoch": epoch})
 
     def on_commit(self, msg: Message) -> None:
         epoch = int(msg["epoch"])

@@ -10,6 +10,8 @@ never key bytes.
      |    +-- KMEUnauthorized    401: this SAE may not have these keys
      |    +-- KMEUnavailable     503: no key on the link right now, or the peer KME is down
      |    |    +-- KMEUnreachable    no HTTP answer at all (connection, TLS, timeout)
+     |    |         +-- KMEAnswerLost    sent, but the answer was lost: the KME may have
+     |    |                              served it (dec_keys: keys used up, do not ask again)
      |    |    +-- KeyStreamUnavailable  ETSI 004 status 2, 3, 4, 6: no chunk now
      |    +-- KeyStreamError     base of the two ETSI 004 ones: `code` is the 004 status
      +-- KeyExhausted            a KeySession has no key left and its policy forbids going on
@@ -46,6 +48,15 @@ class KMEUnavailable(KMEError):
 
 class KMEUnreachable(KMEUnavailable):
     pass
+
+
+class KMEAnswerLost(KMEUnreachable):
+    """The request went out but no answer came back (read timeout, dropped connection).
+
+    The KME may have served it. For dec_keys that means the keys may be delivered and
+    so deleted at the KME: asking again gets 400 "unknown key_ID". Still a
+    KMEUnreachable, because callers that count "no answer" outcomes treat both alike.
+    """
 
 
 class KeyExhausted(KeySupplyError):

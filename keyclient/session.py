@@ -17,9 +17,10 @@ Protocol (JSON messages, see docs/CODEFLOW.md for a walk-through):
     slave  -> master  rekey_request {}               the slave's byte budget is spent
 
 Make-before-break: the master installs epoch N inbound before offering it; the
-slave installs N and switches its outbound at once (the master can already
-receive N); the master switches on rekey_ok and commits; both retire older
-epochs `overlap_s` later.
+slave installs N, sends rekey_ok and then switches its outbound (the master can
+already receive N); the master switches on rekey_ok and commits; both retire
+older epochs `overlap_s` later. A slave that cannot send rekey_ok (the master is
+gone) drops N and keeps N-1 with its lifetime: the master never switched to N.
 """
 
 from __future__ import annotations

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
+import json
 import socket
+import ssl
 import threading
 import time
 import traceback
@@ -32,9 +35,10 @@ from keyclient import (
     KMEUnavailable,
     KMEUnreachable,
 )
+from keyclient.errors import KMEAnswerLost
 from qgw.pki import Pki
 from qgw.secret import Secret
-from qgw.tls import server_context
+from qgw.tls import client_context, server_context
 from tests.harness import KmePair, Loop
 
 # -- helpers -------------------------------------------------------------------------------
@@ -499,3 +503,179 @@ def test_client_refuses_a_url_that_is_not_https(pki: Pki) -> None:
 def test_key_is_a_secret_holder() -> None:
     key = Key("k", Secret(b"\x01" * 16))
     assert key.bits == 128 and repr(key) == "Key(key_id='k', secret=<SECRET 128 bits>)"
+
+
+# -- answers lost after the KME served the request ----------------------------------------------
+
+class LossyFront:
+    """A TLS front with a real KME certificate, between the client and that real KME.
+
+    It forwards each request to the KME (as `sae`, so the KME really serves it) and
+    loses the first `lose` answers: `drop` closes the connection, `stall` holds it
+    open unanswered until the client gives up. The first `cut` connections are closed
+    before the TLS handshake, so nothing reaches the KME through them.
+    """
+
+    def __init__(self, kmes: KmePair, kme: str, sae: str, *, lose: int = 0,
+                 mode: str = "drop", cut: int = 0) -> None:
+        self.kme_port = kmes.ports[kme]
+        self.upstream_ctx = client_context(kmes.pki.sae_files(sae))
+        self.ctx = server_context(kmes.pki.kme_files(kme))
+        self.lose, self.mode, self.cut = lose, mode, cut
+        self.accepted = 0
+        self.forwarded = 0
+        self.lost_answers: list[dict[str, Any]] = []
+        self._closing = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://localhost:{self._listener.getsockname()[1]}"
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+        kmes.on_close(self.close)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.cut > 0:
+                self.cut -= 1
+                raw.close()
+                continue
+            t = threading.Thread(target=self._serve, args=(raw,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        raw.settimeout(10)
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True) as conn:
+                while (request := _read_request(conn)) is not None:
+                    status, body = self._forward(*request)
+                    if self.lose > 0:
+                        self.lose -= 1
+                        self.lost_answers.append(json.loads(body))
+                        if self.mode == "stall":  # until the client hangs up
+                            with contextlib.suppress(OSError):
+                                conn.recv(1)
+                        return
+                    conn.sendall(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        except (OSError, ssl.SSLError):
+            pass
+
+    def _forward(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        upstream = http.client.HTTPSConnection("localhost", self.kme_port,
+                                               context=self.upstream_ctx, timeout=10)
+        try:
+            upstream.request(method, path, body=body,
+                             headers={"Content-Type": "application/json"})
+            resp = upstream.getresponse()
+            answer = resp.status, resp.read()
+        finally:
+            upstream.close()
+        self.forwarded += 1
+        return answer
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for t in self._threads:
+            t.join(timeout=5)
+
+
+def _read_request(conn: ssl.SSLSocket) -> tuple[str, str, bytes] | None:
+    """One HTTP/1.1 request (request line, Content-Length body); None when the client left."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    head, body = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    length = next((int(v) for k, v in (h.split(":", 1) for h in lines[1:])
+                   if k.strip().lower() == "content-length"), 0)
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        body += chunk
+    return method, path, body
+
+
+@pytest.mark.parametrize("mode", ["drop", "stall"])
+def test_dec_keys_whose_answer_is_lost_is_not_asked_again(pair: KmePair, mode: str) -> None:
+    (key,) = pair.client("SAE_1").get_keys("SAE_2")
+    front = LossyFront(pair, "KME_B", "SAE_2", lose=1, mode=mode)
+    served = requests_seen(pair, "KME_B", "dec_keys_post", 200)
+    refused = requests_seen(pair, "KME_B", "dec_keys_post", 400)
+    with Etsi014Client(front.url, pair.pki.sae_files("SAE_2"), retries=3, backoff_s=0.01,
+                       timeout_s=0.5) as client, pytest.raises(KMEAnswerLost) as info:
+        client.get_keys_with_ids("SAE_1", [key.key_id])
+    err = info.value
+    # A slow KME may still be answering the front when the client gives up (stall).
+    deadline = time.monotonic() + 10
+    while front.forwarded < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The KME served it once; the client did not ask again (which would have been a 400).
+    assert front.forwarded == 1 and front.accepted == 1
+    assert requests_seen(pair, "KME_B", "dec_keys_post", 200) == served + 1
+    assert requests_seen(pair, "KME_B", "dec_keys_post", 400) == refused
+    assert err.status is None and isinstance(err, KMEUnreachable)
+    assert "no answer after the request was sent" in err.message
+    causes = ["(timed out)"] if mode == "stall" else ["(connection reset)",
+                                                      "(connection closed by the KME)"]
+    assert any(c in err.message for c in causes)
+    assert "may have delivered these keys" in err.message
+    assert "unknown key_ID" not in err.message
+    assert_no_key_bytes(error_texts(err), [key.secret.expose()])
+    # and indeed the key is gone: the lost answer held it
+    assert front.lost_answers[0]["keys"][0]["key_ID"] == key.key_id
+    with pytest.raises(KMEBadRequest, match="unknown key_ID"):
+        pair.client("SAE_2").get_keys_with_ids("SAE_1", [key.key_id])
+
+
+def test_dec_keys_cut_off_before_sending_is_retried(pair: KmePair) -> None:
+    (key,) = pair.client("SAE_1").get_keys("SAE_2")
+    front = LossyFront(pair, "KME_B", "SAE_2", cut=2)
+    with Etsi014Client(front.url, pair.pki.sae_files("SAE_2"), retries=0) as once, \
+            pytest.raises(KMEUnreachable) as info:
+        once.get_keys_with_ids("SAE_1", [key.key_id])
+    assert type(info.value) is KMEUnreachable  # nothing sent: not an answer lost
+    assert front.forwarded == 0
+    with Etsi014Client(front.url, pair.pki.sae_files("SAE_2"), retries=2,
+                       backoff_s=0.01) as client:
+        (got,) = client.get_keys_with_ids("SAE_1", [key.key_id])
+    assert got.secret == key.secret
+    assert front.accepted == 3 and front.forwarded == 1
+
+
+def test_enc_keys_whose_answer_is_lost_is_asked_again(pair: KmePair) -> None:
+    front = LossyFront(pair, "KME_A", "SAE_1", lose=1)
+    with Etsi014Client(front.url, pair.pki.sae_files("SAE_1"), retries=1,
+                       backoff_s=0.01) as client:
+        keys = client.get_keys("SAE_2", number=2)
+    assert front.forwarded == 2 and len(keys) == 2
+    # Fresh keys, which the slave gets; the lost answer's keys are orphaned: reserved
+    # for the slave, but no master ever told it their IDs (here the front saw them).
+    lost = front.lost_answers[0]["keys"]
+    assert {k["key_ID"] for k in lost}.isdisjoint(k.key_id for k in keys)
+    slave = pair.client("SAE_2")
+    got = slave.get_keys_with_ids("SAE_1", [k.key_id for k in keys])
+    assert [k.secret for k in got] == [k.secret for k in keys]
+    orphans = slave.get_keys_with_ids("SAE_1", [k["key_ID"] for k in lost])
+    assert [base64.b64encode(k.secret.expose()).decode() for k in orphans] == \
+        [k["key"] for k in lost]
+    # With no retry left, the error says the answer was lost, without its key bytes.
+    front.lose = 1
+    with Etsi014Client(front.url, pair.pki.sae_files("SAE_1"), retries=0) as once, \
+            pytest.raises(KMEAnswerLost) as info:
+        once.get_keys("SAE_2")
+    assert "no answer after the request was sent" in info.value.message
+    assert "delivered" not in info.value.message
+    assert_no_key_bytes(error_texts(info.value),
+                        [base64.b64decode(front.lost_answers[1]["keys"][0]["key"])])

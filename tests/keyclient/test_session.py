@@ -272,9 +272,19 @@ def test_hybrid_needs_both_sources(kmes: KmePair) -> None:
         st = p.master.status()
         assert st.source is KeySource.HYBRID and st.key_id is not None and st.epoch == 3
         assert p.same_keys()
+        before = {e: k.secret.expose() for e, k in p.mi.keys.items()}
         kmes.stop("KME_A")
         p.run(10)
-        assert p.master.status().state is SessionState.FAILED_CLOSED
+        assert p.master.status().state is SessionState.FAILED_CLOSED  # no ML-KEM-only key
+        kmes.start("KME_A")
+        p.run_until(lambda: p.master.status().state is p.slave.status().state
+                    is SessionState.PROTECTED)
+        p.run(1.5)  # past the overlap
+        st = p.master.status()
+        assert st.source is KeySource.HYBRID and st.key_id is not None
+        assert st.epoch is not None and st.epoch > 3 and p.same_keys() == [st.epoch]
+        assert p.mi.keys[st.epoch].source is p.si.keys[st.epoch].source is KeySource.HYBRID
+        assert p.mi.keys[st.epoch].secret.expose() not in before.values()
     finally:
         p.master.stop()
         p.slave.stop()
@@ -421,4 +431,5 @@ def test_session_metrics_expose_state_without_secrets(pair: Pair) -> None:
     assert 'state="protected"} 1.0' in text and 'source="qkd"} 1.0' in text
     assert "qgw_session_rekeys_total" in text
     key = pair.mi.keys[3]
-    assert key.key_id not in text and key.secret.expose().hex() not in text
+    assert key.key_id is not None and key.key_id not in text
+    assert key.secret.expose().hex() not in text
