@@ -77,6 +77,7 @@ class MasterAgreement:
         self.refill_backoff = session.policy.retry_s
         self.next_try = 0.0
         self.pqc_fallback = False
+        self.qkd_paused_until: float | None = None   # the slave cannot reach its KME
 
     # -- messages ------------------------------------------------------------------
 
@@ -150,6 +151,16 @@ class MasterAgreement:
         self.s.retire_now(epoch)
         reason = str(msg.get("reason", "unspecified"))
         self.s.note(rekey_failures=self.s.status().rekey_failures + 1)
+        if reason == "kme-unavailable" and self.s.policy.mode is SupplyMode.QKD_OR_PQC:
+            # Only the slave's side of the KME network is down: QKD keys are unusable for
+            # this pair however many this side gets, which is what the fallback is for.
+            # Rekey with ML-KEM now; offer QKD again after a pause.
+            self.qkd_paused_until = now + min(4 * (self.s.policy.rekey_interval_s or 15.0),
+                                              60.0)
+            self.next_try = now
+            log.warning("peer %s cannot reach its KME; falling back to ML-KEM-768",
+                        self.s.peer_sae)
+            return
         self.next_try = now if reason == "unknown-key" else now + self.s.policy.retry_s
         self.s.supply_failed(now, f"peer {self.s.peer_sae} refused epoch {epoch}: {reason}")
 
@@ -241,18 +252,24 @@ class MasterAgreement:
         s, pol = self.s, self.s.policy
         qkd: Key | None = None
         source = KeySource.HYBRID if pol.mode is SupplyMode.HYBRID else KeySource.QKD
-        try:
-            qkd = self._take_qkd()
-            if self.pqc_fallback:
-                log.warning("QKD keys are back; leaving the ML-KEM fallback")
-                self.pqc_fallback = False
-        except KMEError as exc:
+        no_qkd: str | None = None
+        if self.qkd_paused_until is not None and now < self.qkd_paused_until:
+            no_qkd = f"peer {s.peer_sae} cannot reach its KME"
+        else:
+            try:
+                qkd = self._take_qkd()
+                if self.pqc_fallback:
+                    log.warning("QKD keys are back; leaving the ML-KEM fallback")
+                    self.pqc_fallback = False
+            except KMEError as exc:
+                no_qkd = exc.message
+        if no_qkd is not None:
             if pol.mode is not SupplyMode.QKD_OR_PQC:
                 self.next_try = now + pol.retry_s
-                s.supply_failed(now, f"no QKD key: {exc.message}")
+                s.supply_failed(now, f"no QKD key: {no_qkd}")
                 return
             if not self.pqc_fallback:
-                log.warning("no QKD key (%s); falling back to ML-KEM-768", exc.message)
+                log.warning("no QKD key (%s); falling back to ML-KEM-768", no_qkd)
                 self.pqc_fallback = True
                 self.next_refill = now + pol.retry_s
             source = KeySource.PQC

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from keyclient import Etsi014Client
 from keyclient.policy import KeySource, SupplyMode
 from keyclient.session import KeySession, SessionState
 from tests.harness import KmePair
@@ -116,6 +117,27 @@ def test_slave_kme_down_between_enc_keys_and_dec_keys(kmes: KmePair,
     assert p.master.status().epoch == 3  # epoch 2 is never used again
     p.run(1.5)
     assert p.same_keys() == [3] and not p.si.kinds("invalidate")
+
+
+def test_slave_alone_cut_off_from_its_kme_falls_back_to_ml_kem(kmes: KmePair,
+                                                               make: Callable[..., Pair]) -> None:
+    # KME_A still reaches KME_B and hands the master keys; only the slave cannot fetch them.
+    p = make(mode=SupplyMode.QKD_OR_PQC, pool_target=0, pool_low=0, grace_s=0.0)
+    p.run(1)
+    assert both_protected(p, KeySource.QKD)
+    reachable = p.slave.kme
+    p.slave.kme = Etsi014Client("https://127.0.0.1:9", kmes.pki.sae_files("SAE_2"), retries=0)
+    try:
+        p.run(10)  # the QKD offer at 10 s is refused (kme-unavailable): ML-KEM at once
+        assert both_protected(p, KeySource.PQC) and p.same_keys()[-1] == p.master.status().epoch
+        assert not p.mi.kinds("invalidate") and not p.si.kinds("invalidate")
+        p.run(20)  # further rekeys stay on ML-KEM while QKD is paused, without a failure
+        assert both_protected(p, KeySource.PQC) and not p.mi.kinds("invalidate")
+    finally:
+        p.slave.kme = reachable
+    # After the pause (4 rekey intervals) the master offers QKD again, and the slave takes it.
+    p.run_until(lambda: both_protected(p, KeySource.QKD), limit_s=45)
+    assert not p.si.kinds("invalidate")
 
 
 # -- the master dies mid-rekey -------------------------------------------------------------------
