@@ -71,6 +71,12 @@ holds. The producer's chunks already reserved at the destination's KME stay
 readable there until the destination closes its side (or its TTL passes).
 Streams live in memory: a KME restart closes them (their KSIDs stay unusable
 only until then).
+
+Metrics: since every 004 outcome is HTTP 200, each answer is counted by call
+and 004 status in qgw_kme_etsi004_outcomes; each chunk handed to an SAE counts
+as a key served (qgw_kme_keys_served, source and destination as master and
+slave; qgw_kme_keys_delivered, role master at the source's KME, slave at the
+destination's).
 """
 
 from __future__ import annotations
@@ -298,12 +304,19 @@ class StreamRegistry:
         stream.delivered.add(index)
         stream.last_index = max(stream.last_index, index)
         stream.last_used = self.clock()
+        self._count_served(stream)
         if stream.producer:
             stream.wake.set()  # make the next chunks ahead
         return {"status": int(Status.SUCCESSFUL), "index": index,
                 "key_buffer": base64.b64encode(key).decode(),
                 "Metadata": {"Metadata_size": len(metadata.encode()),
                              "Metadata_buffer": metadata}}
+
+    def _count_served(self, stream: Stream) -> None:
+        """A chunk handed out counts as a key served, as an ETSI 014 key does."""
+        metrics = self.kme.metrics
+        metrics.keys_delivered.labels(role="master" if stream.producer else "slave").inc()
+        metrics.keys_served.labels(master=stream.source, slave=stream.destination).inc()
 
     @staticmethod
     def _next_index(stream: Stream) -> int:
@@ -537,6 +550,9 @@ async def _answer(request: web.Request, call: str) -> web.Response:
             out = registry.close(caller, body)
     except Outcome as outcome:
         out = outcome.body()
+    status = Status(out["status"])
+    registry.kme.metrics.etsi004_outcomes.labels(call=call, status=str(int(status)),
+                                                 outcome=status.name).inc()
     return _json(out)
 
 

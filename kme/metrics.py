@@ -5,7 +5,11 @@ Counts and levels only: no metric carries key material or key IDs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 
 class KmeMetrics:
@@ -22,7 +26,9 @@ class KmeMetrics:
             registry=self.registry,
         )
         self.keys_delivered = Counter(
-            "qgw_kme_keys_delivered", "Keys handed to SAEs", ["role"], registry=self.registry,
+            "qgw_kme_keys_delivered",
+            "Keys handed to SAEs (ETSI 014 keys, ETSI 004 chunks, SKIP keys), by SAE role",
+            ["role"], registry=self.registry,
         )
         self.key_bits_generated = Counter(
             "qgw_kme_link_key_bits_generated", "Secret key bits the simulated link produced",
@@ -33,13 +39,19 @@ class KmeMetrics:
             ["peer"], registry=self.registry,
         )
         self.link_up = Gauge(
-            "qgw_kme_link_up", "1 when the KME-to-KME channel of a link works", ["peer"],
+            "qgw_kme_link_up",
+            "1 when the KME-to-KME channel of a link works; an operator cut does not change "
+            "it (see qgw_kme_link_admin_up)", ["peer"],
             registry=self.registry,
         )
         self.link_rate = Gauge(
-            "qgw_kme_link_rate_bps", "Modelled secret key rate of a link", ["peer"],
+            "qgw_kme_link_rate_bps",
+            "Modelled secret key rate of a link while it runs; no key accrues while "
+            "qgw_kme_link_up or qgw_kme_link_admin_up is 0", ["peer"],
             registry=self.registry,
         )
+        self._admin_down: set[str] = set()
+        self.registry.register(_AdminState(self))
         self.reserved_keys = Gauge(
             "qgw_kme_reserved_keys", "Keys held for slave SAEs that have not fetched them",
             registry=self.registry,
@@ -66,8 +78,18 @@ class KmeMetrics:
             ["peer"], registry=self.registry,
         )
         self.keys_served = Counter(
-            "qgw_kme_keys_served", "Keys handed to SAEs, by master and slave SAE",
+            "qgw_kme_keys_served",
+            "Keys handed to SAEs, by master and slave SAE (for an ETSI 004 stream: source "
+            "and destination SAE, one per chunk)",
             ["master", "slave"], registry=self.registry,
+        )
+        # Every 004 outcome is HTTP 200 (qgw_kme_requests cannot tell them apart).
+        self.etsi004_outcomes = Counter(
+            "qgw_kme_etsi004_outcomes",
+            "ETSI GS QKD 004 answers by call and 004 status (0 SUCCESSFUL, 1 PEER_NOT_CONNECTED, "
+            "2 GET_KEY_INSUFFICIENT_KEY, 3 GET_KEY_PEER_NOT_CONNECTED, 4 NO_QKD_CONNECTION, "
+            "5 KSID_IN_USE, 6 TIMEOUT_ERROR, 7 QOS_NOT_MET, 8 METADATA_SIZE_INSUFFICIENT)",
+            ["call", "status", "outcome"], registry=self.registry,
         )
         self.info = Gauge("qgw_kme_info", "KME identity", ["kme"], registry=self.registry)
         self.info.labels(**labels).set(1)
@@ -75,3 +97,39 @@ class KmeMetrics:
     def request(self, call: str, code: int, seconds: float) -> None:
         self.requests.labels(call=call, code=str(code)).inc()
         self.latency.labels(call=call).observe(seconds)
+
+    def link_admin(self, peer: str, up: bool) -> None:
+        """Record an operator's `qgw kme link up|down` on the link to `peer`."""
+        if up:
+            self._admin_down.discard(peer)
+        else:
+            self._admin_down.add(peer)
+
+
+class _AdminState(Collector):
+    """qgw_kme_link_admin_up: 0 while an operator holds a link down, else 1.
+
+    Derived at scrape time for every link the other link gauges know, so a link
+    never touched by an operator still shows 1 without the links having to
+    register here.
+    """
+
+    def __init__(self, metrics: KmeMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        m = self.metrics
+        family = GaugeMetricFamily(
+            "qgw_kme_link_admin_up",
+            "0 while an operator holds a link down (qgw kme link down): no key accrues on it "
+            "although qgw_kme_link_up may be 1 and qgw_kme_link_rate_bps keeps the modelled "
+            "rate; 1 otherwise",
+            labels=["peer"],
+        )
+        peers = set(m._admin_down)
+        for gauge in (m.link_up, m.link_rate, m.link_available_bits):
+            for metric in gauge.collect():
+                peers.update(s.labels["peer"] for s in metric.samples if "peer" in s.labels)
+        for peer in sorted(peers):
+            family.add_metric([peer], 0.0 if peer in m._admin_down else 1.0)
+        yield family

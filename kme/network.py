@@ -7,12 +7,15 @@ key measured by use case 33. Two KMEs, two SAEs.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -123,6 +126,33 @@ def prepare(state: Path, spec: NetworkSpec, base_port: int = 8443,
     return endpoints
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel SIGTERM the child when this process dies, even by
+    SIGKILL, so no KME outlives its launcher. None where that cannot be relied on.
+
+    Linux only. The signal follows the *thread* that forked the child, so it is used only
+    from the main thread (a worker thread ending would otherwise stop the KMEs it started).
+    """
+    if not sys.platform.startswith("linux") or \
+            threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child between fork and exec: no locks, no logging
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -147,6 +177,7 @@ class LocalNetwork:
         proc = subprocess.Popen(
             [sys.executable, "-m", "qgw", "kme", "serve", "--config", str(ep.config)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
         log.close()
         self.procs[kme_id] = proc

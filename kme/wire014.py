@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from multidict import MultiMapping
+
 from kme.errors import ApiError
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -66,6 +68,11 @@ def _json_int(data: Mapping[str, Any], name: str, default: int) -> int:
 def _query_int(query: Mapping[str, str], name: str, default: int) -> int:
     if name not in query:
         return default
+    # A plain mapping keeps one value per name; aiohttp's query keeps them all. The first
+    # of `number=1&number=0` is no better a guess than the last: refuse, do not pick.
+    if isinstance(query, MultiMapping) and len(query.getall(name)) > 1:
+        raise ApiError.bad_request(f"{name} is given more than once; give it once",
+                                   parameter=name)
     raw = query[name]
     if not INT_RE.fullmatch(raw):
         raise ApiError.bad_request(f"{name} must be a positive integer", parameter=name)

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -21,8 +23,24 @@ from tests.harness import KmePair, free_port
 runner = CliRunner()
 
 SUBCOMMANDS = [[], ["pki"], ["pki", "init"], ["kme"], ["kme", "serve"], ["kme", "up"],
-               ["keys"], ["keys", "status"], ["keys", "get"], ["keys", "dec"], ["gateway"],
-               ["gateway", "list"], ["demo"]]
+               ["kme", "prepare"], ["kme", "status"], ["kme", "link"], ["kme", "link", "down"],
+               ["kme", "link", "up"], ["keys"], ["keys", "status"], ["keys", "get"],
+               ["keys", "dec"], ["gateway"], ["gateway", "list"], ["gateway", "scada"],
+               ["gateway", "ipsec"], ["gateway", "opot"], ["gateway", "ledger"],
+               ["gateway", "webrtc"], ["demo"]]
+
+
+def _commands() -> dict[str, Any]:
+    """Every command of `qgw` (click commands), by its words ("" for qgw itself)."""
+    found: dict[str, Any] = {}
+
+    def walk(cmd: Any, words: list[str]) -> None:
+        found[" ".join(words)] = cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, [*words, name])
+
+    walk(typer.main.get_command(app), [])
+    return found
 
 
 @pytest.mark.parametrize("args", SUBCOMMANDS, ids=lambda a: " ".join(a) or "qgw")
@@ -30,6 +48,19 @@ def test_help_everywhere(args: list[str]) -> None:
     result = runner.invoke(app, [*args, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output and len(result.output.splitlines()) > 4
+
+
+def test_help_list_covers_every_command() -> None:
+    assert set(_commands()) == {" ".join(a) for a in SUBCOMMANDS}
+
+
+@pytest.mark.parametrize("words", sorted(_commands()), ids=lambda w: w or "qgw")
+def test_summaries_are_one_whole_sentence(words: str) -> None:
+    """A command list shows the help's first paragraph: it must be one line, one sentence
+    (a paragraph wrapped in the source shows as a sentence cut at the line break)."""
+    summary = (_commands()[words].help or "").strip().split("\n\n")[0]
+    assert summary and "\n" not in summary, summary
+    assert summary.endswith("."), summary
 
 
 def test_pki_init_and_errors(tmp_path: Path) -> None:
@@ -140,4 +171,66 @@ def test_kme_up_runs_the_embedded_network_until_ctrl_c(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, out.decode()
     assert "KME_A" in out.decode() and "Ctrl-C" in out.decode()
+    assert not _port_open(port) and not _port_open(port + 1)
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is `pid` (from /proc; Linux)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie nobody reaped yet."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
+                         ids=lambda s: signal.Signals(s).name)
+def test_kme_up_takes_its_kmes_along_when_signalled(tmp_path: Path, sig: int) -> None:
+    port, metrics = free_ports(2)[0], free_ports(2)[0]
+    proc = subprocess.Popen([sys.executable, "-m", "qgw", "kme", "up", "--state",
+                             str(tmp_path / "state"), "--port", str(port),
+                             "--metrics-port", str(metrics)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, COLUMNS="200"))
+    kmes: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not (_port_open(port) and _port_open(port + 1)):
+            assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "kme up did not open its ports"
+            time.sleep(0.1)
+        kmes = [pid for pid in _children(proc.pid)
+                if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(kmes) == 2
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+        if sig != signal.SIGKILL:  # an orderly stop, reported
+            assert proc.returncode == 0, out.decode()
+            assert signal.Signals(sig).name in out.decode()
+        # With SIGKILL nothing ran in `up`: the kernel told the KMEs (PR_SET_PDEATHSIG).
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in kmes) or _port_open(port) or _port_open(port + 1):
+            assert time.monotonic() < deadline, \
+                f"KMEs left running: {[pid for pid in kmes if _alive(pid)]}"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in kmes:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
     assert not _port_open(port) and not _port_open(port + 1)

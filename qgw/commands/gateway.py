@@ -87,8 +87,11 @@ def ledger(
         help="Print the counters every N seconds (0: never).")] = 10.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    """IoT readings sealed with QKD keys and anchored on Ethereum (writer), or read back
-    and decrypted by the partner (reader)."""
+    """IoT readings sealed with QKD keys and anchored on Ethereum (writer), or decrypted (reader).
+
+    The writer seals readings and anchors them on the ledger; the partner's reader
+    fetches them back and decrypts them.
+    """
     from gateways.ledger.config import load
     from gateways.ledger.gateway import LedgerGateway
 
@@ -105,8 +108,10 @@ def webrtc(
         help="Print the call's counters every N seconds (0: never).")] = 10.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    """One participant of an end-to-end encrypted video call (SFrame keyed by QKD): a
-    headless aiortc camera, or the key source of a browser page (media: browser)."""
+    """One participant of an end-to-end encrypted video call (SFrame keyed by QKD).
+
+    Either a headless aiortc camera, or the key source of a browser page (media: browser).
+    """
     try:
         from gateways.webrtc.config import load
         from gateways.webrtc.gateway import WebrtcGateway

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -71,6 +75,31 @@ def prepare_cmd(state: State = Path(".qgw"), topology: TopologyOpt = None,
                       f"{state / 'config'}, PKI in {state / 'pki'}")
 
 
+class _Stop(Exception):
+    """SIGTERM or SIGHUP reached `qgw kme up`: stop like Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into `_Stop`, so the network's `with` block stops the KMEs.
+
+    The KMEs run in sessions of their own (a Ctrl-C at the terminal must not reach them
+    before `up` stops them in order), so a signal to `up` alone would orphan them.
+    """
+    def handler(signum: int, frame: FrameType | None) -> None:
+        # A second signal must not cut the orderly stop short.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 @app.command("up")
 def up(
     state: State = Path(".qgw"),
@@ -86,7 +115,7 @@ def up(
     key_rate: Annotated[float | None, typer.Option(
         help="Link secret key rate in bit/s for the default network (8400, UC33).")] = None,
 ) -> None:
-    """Run every KME of a network on this machine (or one node) until Ctrl-C.
+    """Run every KME of a network on this machine (or one node) until Ctrl-C or SIGTERM.
 
     Certificates are generated on first run in STATE/pki and kept afterwards.
     """
@@ -103,22 +132,24 @@ def up(
         endpoints = prepare(state, spec, base_port=port, metrics_base_port=metrics_port,
                             dns=dns)
         console.print(f"starting {len(endpoints)} KMEs of network {spec.name!r}...")
-        with LocalNetwork(endpoints, state / "logs"):
-            table = Table(title=f"Simulated QKD network {spec.name!r}")
-            for col in ("KME", "ETSI 014 URL", "metrics", "SAEs"):
-                table.add_column(col)
-            for ep in endpoints.values():
-                saes = ", ".join(s for s, k in spec.saes.items() if k == ep.kme_id)
-                table.add_row(ep.kme_id, ep.url, ep.metrics_url + "/metrics", saes)
-            console.print(table)
-            console.print(f"SAE certificates: {state / 'pki' / 'sae'}; logs: {state / 'logs'}; "
-                          f"live view: qgw kme status --state {state}")
-            console.print("Press Ctrl-C to stop.")
-            try:
+        try:
+            with _stop_on_signals(), LocalNetwork(endpoints, state / "logs"):
+                table = Table(title=f"Simulated QKD network {spec.name!r}")
+                for col in ("KME", "ETSI 014 URL", "metrics", "SAEs"):
+                    table.add_column(col)
+                for ep in endpoints.values():
+                    saes = ", ".join(s for s, k in spec.saes.items() if k == ep.kme_id)
+                    table.add_row(ep.kme_id, ep.url, ep.metrics_url + "/metrics", saes)
+                console.print(table)
+                console.print(f"SAE certificates: {state / 'pki' / 'sae'}; "
+                              f"logs: {state / 'logs'}; "
+                              f"live view: qgw kme status --state {state}")
+                console.print("Press Ctrl-C to stop (SIGTERM and SIGHUP stop it too).")
                 while True:
                     time.sleep(3600)
-            except KeyboardInterrupt:
-                console.print("stopping")
+        except (KeyboardInterrupt, _Stop) as stop:
+            # LocalNetwork has stopped every KME by now.
+            console.print(f"stopped ({stop or 'Ctrl-C'})")
 
 
 def _operator(state: Path, kme: str | None, url: str | None) -> Any:
@@ -176,21 +207,75 @@ def status(state: State = Path(".qgw"),
            kme: Annotated[str | None, typer.Option(
                help="KME to ask (any: each knows the whole network).")] = None,
            url: Annotated[str | None, typer.Option(help="URL of that KME.")] = None) -> None:
-    """Print the live network: links, key rates, key pools, outages."""
+    """Print the live network: links, key rates, key pools, relay key spend, outages."""
     with friendly_errors():
         client = _operator(state, kme, url)
         try:
             view = client.network()
         finally:
             client.close()
-        console.print(network_table(view))
+        console.print(network_table(view, relay_spend(state)))
 
 
-def network_table(view: dict[str, Any]) -> Table:
+RELAY_METRIC = "qgw_kme_relay_link_key_bits"
+
+
+def relay_spend(state: Path, timeout_s: float = 2.0) -> dict[tuple[str, str], float]:
+    """Link key bits each KME spent on relay hops, as (KME, peer): bits, since it started.
+
+    Read from the /metrics of every KME with a config in STATE/config. The routing
+    adverts a KME hears carry no relay figures, so each KME is asked for its own; a
+    KME without a metrics listener, or unreachable, is left out.
+    """
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    configs = [kme_config.load(path) for path in sorted((state / "config").glob("*.yaml"))]
+    # A KME listening on all addresses is reached where its peers reach it.
+    reach = {link.peer: urlsplit(link.url).hostname for cfg in configs for link in cfg.links}
+    spend: dict[tuple[str, str], float] = {}
+    for cfg in configs:
+        if cfg.metrics is None:
+            continue
+        host = cfg.metrics.host
+        if host in ("0.0.0.0", "::"):
+            host = reach.get(cfg.kme_id) or "127.0.0.1"
+        url = f"http://{host}:{cfg.metrics.port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as r:
+                text = r.read().decode()
+        except (OSError, ValueError):
+            continue
+        for family in text_string_to_metric_families(text):
+            if family.name == RELAY_METRIC:
+                for sample in family.samples:
+                    if sample.name == RELAY_METRIC + "_total":
+                        spend[(cfg.kme_id, sample.labels["peer"])] = sample.value
+        for link in cfg.links:  # no sample yet: nothing relayed over it
+            spend.setdefault((cfg.kme_id, link.peer), 0.0)
+    return spend
+
+
+def _relay_cell(spend: dict[tuple[str, str], float], a: str, b: str) -> str:
+    """Both ends' relay spend on link a-b: relays in either direction draw on its one pool."""
+    ends = [spend.get((a, b)), spend.get((b, a))]
+    known = [v for v in ends if v is not None]
+    if not known:
+        return "-"
+    return f"{sum(known):,.0f}" + ("" if len(known) == 2 else " + ?")
+
+
+def network_table(view: dict[str, Any],
+                  relay: dict[tuple[str, str], float] | None = None) -> Table:
     adverts = {a["origin"]: a["links"] for a in view.get("network", [])}
     table = Table(title=f"QKD network as seen by {view.get('kme_id')} "
-                        f"({len(adverts)} KMEs heard)")
-    for col in ("link", "state", "key rate b/s", "pool A (bits)", "pool B (bits)"):
+                        f"({len(adverts)} KMEs heard)",
+                  caption="relay spent: link key bits used by trusted-node relay hops since "
+                          "the KMEs started (from their /metrics)")
+    for col in ("link", "state", "key rate b/s", "pool A (bits)", "pool B (bits)",
+                "relay spent (bits)"):
         table.add_column(col)
     seen = set()
     for a in sorted(adverts):
@@ -205,5 +290,6 @@ def network_table(view: dict[str, Any]) -> Table:
             rate = ad.get("rate_bps") or (back or {}).get("rate_bps")
             table.add_row(f"{a} - {b}", state, f"{rate:,.0f}" if rate is not None else "-",
                           f"{ad['available_bits']:,}",
-                          f"{back['available_bits']:,}" if back else "-")
+                          f"{back['available_bits']:,}" if back else "-",
+                          _relay_cell(relay or {}, a, b))
     return table

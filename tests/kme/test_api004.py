@@ -24,6 +24,7 @@ from qgw.tls import client_context
 from tests.harness import KmePair
 from tests.kme.raw import Raw
 from tests.kme.raw import error as raw_error
+from tests.kme.scrape import sample, scrape
 
 OPEN, GET, CLOSE = "/api/v2/004/open_connect", "/api/v2/004/get_key", "/api/v2/004/close"
 
@@ -346,6 +347,42 @@ def test_other_methods_are_json_405(sae1: Raw004, method: str) -> None:
     error(sae1.call(method, GET, raw=b""), 405)
 
 
+# -- metrics ------------------------------------------------------------------------------
+
+def test_metrics_count_chunks_served_and_004_outcomes(kmes: KmePair, sae1: Raw004,
+                                                      sae2: Raw004, stream: str) -> None:
+    for i in range(3):
+        assert key_of(sae1.get(stream, i)) == key_of(sae2.get(stream, i))
+    # Outcomes that are all HTTP 200 on the wire, each with its own 004 status.
+    assert sae1.get(stream, 0)["status"] == Status.GET_KEY_INSUFFICIENT_KEY
+    assert sae2.get(stream, 3, Metadata={"Metadata_size": 1})["status"] == \
+        Status.METADATA_SIZE_INSUFFICIENT
+    assert sae1.open("SAE_1", "SAE_2", stream)["status"] == Status.KSID_IN_USE
+    a, b = scrape(kmes.metrics_ports["KME_A"]), scrape(kmes.metrics_ports["KME_B"])
+    for text in (a, b):  # each side counts the chunks it handed to its own SAE
+        assert sample(text, "qgw_kme_keys_served_total", master="SAE_1", slave="SAE_2") == 3
+    assert sample(a, "qgw_kme_keys_delivered_total", role="master") == 3
+    assert sample(b, "qgw_kme_keys_delivered_total", role="slave") == 3
+
+    def outcome(text: str, call: str, status: Status) -> float | None:
+        return sample(text, "qgw_kme_etsi004_outcomes_total", call=call,
+                      status=str(int(status)), outcome=status.name)
+
+    assert outcome(a, "open_connect", Status.SUCCESSFUL) == 1
+    assert outcome(b, "open_connect", Status.SUCCESSFUL) == 1
+    assert outcome(a, "open_connect", Status.KSID_IN_USE) == 1
+    assert outcome(a, "get_key", Status.SUCCESSFUL) == 3
+    assert outcome(b, "get_key", Status.SUCCESSFUL) == 3
+    assert outcome(a, "get_key", Status.GET_KEY_INSUFFICIENT_KEY) == 1
+    assert outcome(b, "get_key", Status.METADATA_SIZE_INSUFFICIENT) == 1
+    assert outcome(b, "get_key", Status.GET_KEY_INSUFFICIENT_KEY) is None
+    # The HTTP view alone cannot tell them apart: all five GET_KEYs at KME_A were 200.
+    assert sample(a, "qgw_kme_requests_total", call="etsi004_get_key", code="200") == 4
+    for k in range(3):
+        chunk = chunk_id(stream, k)
+        assert chunk not in a and chunk not in b
+
+
 # -- secrecy and documentation ----------------------------------------------------------
 
 def test_keys_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture, kmes: KmePair,
@@ -372,3 +409,6 @@ def test_openapi_documents_the_004_paths(kmes: KmePair, sae1: Raw004) -> None:
         assert "200" in op["responses"] and "400" in op["responses"]
     text = json.dumps(doc["paths"][GET])
     assert "key_buffer" in text and "status" in text
+    # Streams are relayed too (tests/kme/test_relay.py::test_etsi004_stream_across_three_hops)
+    opening = " ".join(doc["paths"][OPEN]["post"]["description"].split())
+    assert "trusted nodes" in opening and "need a direct" not in opening

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import uuid
 from typing import Any
@@ -102,6 +103,14 @@ def test_enc_keys_number_and_size(sae1: Raw) -> None:
 ])
 def test_enc_keys_get_bad_parameters(sae1: Raw, query: str) -> None:
     error(sae1.call("GET", f"/api/v1/keys/SAE_2/enc_keys?{query}"), 400)
+
+
+@pytest.mark.parametrize("query", ["number=1&number=0", "number=2&number=2",
+                                   "size=256&size=512", "number=1&size=256&number=3"])
+def test_enc_keys_get_repeated_parameter_is_refused(sae1: Raw, query: str) -> None:
+    # Not "the first one wins": the KME cannot know which one the client meant.
+    msg = error(sae1.call("GET", f"/api/v1/keys/SAE_2/enc_keys?{query}"), 400)
+    assert "more than once" in msg and query.split("=")[0] in msg
 
 
 @pytest.mark.parametrize("body", [
@@ -201,6 +210,29 @@ def test_dec_keys_duplicated_key_id(sae1: Raw, sae2: Raw) -> None:
                     {"key_IDs": [{"key_ID": kid}, {"key_ID": kid}]}), 400)
 
 
+def test_dec_keys_get_repeated_key_id_is_refused(sae1: Raw, sae2: Raw) -> None:
+    _, got = sae1.call("GET", "/api/v1/keys/SAE_2/enc_keys?number=2")
+    kid, other = keys_of(got)
+    path = "/api/v1/keys/SAE_1/dec_keys"
+    for query in (f"key_ID={kid}&key_ID={kid}", f"key_ID={kid}&key_ID={kid.upper()}",
+                  f"key_ID={kid}&key_ID={other}&key_ID={kid}"):
+        assert "twice" in error(sae2.call("GET", f"{path}?{query}"), 400)
+    # Nothing was handed out by the refused requests.
+    status, body = sae2.call("GET", f"{path}?key_ID={kid}&key_ID={other}")
+    assert status == 200 and keys_of(body) == keys_of(got)
+
+
+def test_dec_keys_master_equal_to_slave_is_refused(sae1: Raw, sae2: Raw) -> None:
+    _, got = sae1.call("GET", "/api/v1/keys/SAE_2/enc_keys")
+    (kid,) = keys_of(got)
+    msg = error(sae2.call("POST", "/api/v1/keys/SAE_2/dec_keys", {"key_IDs": [{"key_ID": kid}]}),
+                400)
+    assert "master" in msg
+    error(sae2.call("GET", f"/api/v1/keys/SAE_2/dec_keys?key_ID={kid}"), 400)
+    status, body = sae2.call("POST", "/api/v1/keys/SAE_1/dec_keys", {"key_IDs": [{"key_ID": kid}]})
+    assert status == 200 and keys_of(body) == keys_of(got)
+
+
 def test_dec_keys_empty_body_and_bad_master(sae2: Raw) -> None:
     error(sae2.call("POST", "/api/v1/keys/SAE_1/dec_keys", raw=b""), 400)
     error(sae2.call("GET", f"/api/v1/keys/SAE_404/dec_keys?key_ID={uuid.uuid4()}"), 400)
@@ -216,6 +248,55 @@ def test_multicast_every_listed_slave_gets_the_key_once(sae1: Raw, sae2: Raw, sa
         status, body = slave.call("GET", f"/api/v1/keys/SAE_1/dec_keys?key_ID={kid}")
         assert status == 200 and keys_of(body) == {kid: key}
         error(slave.call("GET", f"/api/v1/keys/SAE_1/dec_keys?key_ID={kid}"), 400)
+
+
+# -- secrecy ---------------------------------------------------------------------------
+
+def _renderings(key: bytes) -> list[str]:
+    """Ways a key could leak into text: base64 (both alphabets), hex, a bytes repr."""
+    return [base64.b64encode(key).decode(), base64.urlsafe_b64encode(key).decode(),
+            key.hex(), key.hex().upper(), repr(key)[2:-1]]
+
+
+def test_keys_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture, kmes: KmePair,
+                                         sae1: Raw, sae2: Raw, sae3: Raw) -> None:
+    caplog.set_level(logging.DEBUG)
+    keys: dict[str, bytes] = {}
+    for method, path, body in (("GET", "enc_keys?number=2", None),
+                               ("POST", "enc_keys", {"number": 2, "size": 512}),
+                               ("POST", "enc_keys", {"additional_slave_SAE_IDs": ["SAE_3"]})):
+        status, got = sae1.call(method, f"/api/v1/keys/SAE_2/{path}", body)
+        assert status == 200
+        keys |= keys_of(got)
+    ids = list(keys)
+    # Errors that name keys still stored: another SAE's key, the wrong master.
+    errors = [
+        sae3.call("GET", f"/api/v1/keys/SAE_1/dec_keys?key_ID={ids[2]}"),
+        sae2.call("GET", f"/api/v1/keys/SAE_4/dec_keys?key_ID={ids[-1]}"),
+    ]
+    status, got = sae2.call("GET", f"/api/v1/keys/SAE_1/dec_keys?key_ID={ids[0]}")
+    assert status == 200 and keys_of(got) == {ids[0]: keys[ids[0]]}
+    status, got = sae2.call("POST", "/api/v1/keys/SAE_1/dec_keys",
+                            {"key_IDs": [{"key_ID": k} for k in ids[1:]]})
+    assert status == 200 and keys_of(got) == {k: keys[k] for k in ids[1:]}
+    # ... keys fetched already, malformed requests, no key at all.
+    errors += [
+        sae2.call("GET", f"/api/v1/keys/SAE_1/dec_keys?key_ID={ids[0]}"),
+        sae2.call("POST", "/api/v1/keys/SAE_1/dec_keys", {"key_IDs": [{"key_ID": ids[1]}]}),
+        sae2.call("POST", "/api/v1/keys/SAE_1/dec_keys",
+                  {"key_IDs": [{"key_ID": ids[0]}, {"key_ID": ids[0]}]}),
+        sae1.call("GET", "/api/v1/keys/SAE_2/enc_keys?number=1&number=2"),
+        sae1.call("GET", "/api/v1/keys/SAE_9/enc_keys"),
+    ]
+    assert [code for code, _ in errors] == [401, 401, 400, 400, 400, 400, 503]
+    assert all(isinstance(body.get("message"), str) for _, body in errors)
+    # The multicast key is still waiting for SAE_3, and SAE_3's error did not spend it.
+    assert sae3.call("GET", f"/api/v1/keys/SAE_1/dec_keys?key_ID={ids[-1]}")[0] == 200
+    text = caplog.text + json.dumps([body for _, body in errors])
+    assert any(r.levelno == logging.DEBUG for r in caplog.records)  # capture works
+    for key in keys.values():
+        for leak in _renderings(key):
+            assert leak not in text
 
 
 # -- authorisation -------------------------------------------------------------------

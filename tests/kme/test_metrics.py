@@ -7,6 +7,8 @@ import json
 import urllib.request
 
 from tests.harness import KmePair
+from tests.kme.raw import Raw, error
+from tests.kme.scrape import sample, scrape
 
 
 def _get(url: str) -> str:
@@ -37,3 +39,20 @@ def test_health_describes_links(kmes: KmePair) -> None:
     assert health["kme_id"] == "KME_B"
     (link,) = health["links"]
     assert link["peer_KME_ID"] == "KME_A" and link["role"] == "receiver" and link["state"] == "up"
+
+
+def test_errors_are_counted_by_call_and_code(kmes: KmePair, sae1: Raw) -> None:
+    error(sae1.call("GET", "/api/v1/keys/SAE_2/enc_keys?number=0"), 400)
+    error(sae1.call("POST", "/api/v1/keys/SAE_2/enc_keys", {"number": "2"}), 400)
+    error(Raw(kmes, "SAE_2", "KME_A").call("GET", "/api/v1/keys/SAE_1/enc_keys"), 401)
+    error(sae1.call("GET", "/api/v1/keys/SAE_9/enc_keys"), 503)  # KME_C: no path to it
+    error(sae1.call("DELETE", "/api/v1/keys/SAE_2/enc_keys"), 405)
+    text = scrape(kmes.metrics_ports["KME_A"])
+    assert sample(text, "qgw_kme_requests_total", call="enc_keys", code="400") == 1
+    assert sample(text, "qgw_kme_requests_total", call="enc_keys_post", code="400") == 1
+    assert sample(text, "qgw_kme_requests_total", call="enc_keys", code="401") == 1
+    assert sample(text, "qgw_kme_requests_total", call="enc_keys", code="503") == 1
+    assert sample(text, "qgw_kme_requests_total", call="unknown", code="405") == 1
+    assert sample(text, "qgw_kme_requests_total", call="enc_keys", code="200") is None
+    # the latency histogram covers failed calls too
+    assert sample(text, "qgw_kme_request_seconds_count", call="enc_keys") == 3

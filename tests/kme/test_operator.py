@@ -12,6 +12,7 @@ from kme.operator import OperatorClient, OperatorError
 from qgw.pki import Pki
 from qgw.tls import TlsFiles, client_context
 from tests.harness import KmePair
+from tests.kme.scrape import sample, scrape
 
 
 def raw(kmes: KmePair, files: TlsFiles, method: str, path: str,
@@ -78,3 +79,22 @@ def test_unknown_link_and_unreachable_kme(kmes: KmePair) -> None:
     with pytest.raises(OperatorError, match="unreachable"):
         gone.network()
     gone.close()
+
+
+def test_operator_cut_shows_in_metrics_at_both_ends(kmes: KmePair) -> None:
+    ports = kmes.metrics_ports
+
+    def admin_up(kme: str, peer: str) -> float | None:
+        return sample(scrape(ports[kme]), "qgw_kme_link_admin_up", peer=peer)
+
+    assert admin_up("KME_A", "KME_B") == 1 and admin_up("KME_B", "KME_A") == 1
+    op = operator(kmes)
+    assert op.set_link("KME_B", False)["peer_told"] is True
+    assert admin_up("KME_A", "KME_B") == 0 and admin_up("KME_B", "KME_A") == 0
+    # The classical channel still works, and says so: only admin_up tells the cut.
+    text = scrape(ports["KME_A"])
+    assert sample(text, "qgw_kme_link_up", peer="KME_B") == 1
+    (help_line,) = [ln for ln in text.splitlines() if ln.startswith("# HELP qgw_kme_link_admin_up")]
+    assert "operator" in help_line and "qgw_kme_link_up" in help_line
+    op.set_link("KME_B", True)
+    assert admin_up("KME_A", "KME_B") == 1 and admin_up("KME_B", "KME_A") == 1

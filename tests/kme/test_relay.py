@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from rich.console import Console
+from typer.testing import CliRunner
 
 from keyclient import KMEBadRequest, KMEUnavailable
 from kme.relay import HopAuthError, hop_cost_bytes, seal, unseal
 from kme.topology import Topology
+from qgw.cli import app
+from qgw.commands.kme import network_table, relay_spend
 from tests.harness import KmeNet
 
 # A-B-C-D is the short way (3 hops); A-E-F-G-D the detour (4 hops).
@@ -75,6 +82,92 @@ def test_relayed_keys_are_identical_at_both_ends(net: KmeNet) -> None:
     # Delivered once: a second fetch is refused.
     with pytest.raises(KMEBadRequest, match="unknown key_ID"):
         d.get_keys_with_ids("SAE_A", [keys[0].key_id])
+
+
+def stop_key_generation(net: KmeNet) -> None:
+    """Zero every link's rate and wait until what was generated before sits at both ends."""
+    emitters = [link for kme in net.servers for link in net.kme(kme).links.values()
+                if link.emitter]
+
+    async def zero() -> None:
+        for link in emitters:
+            link.rate_bps = 0.0
+
+    net.loop.run(zero())
+    # An emitter makes key, then pushes it, then sleeps. A push that ends after the rate
+    # changed is followed by a round that makes key at rate 0 (what credit it had left),
+    # and that round's push by nothing more: so wait for two pushes on every link.
+    for _ in range(2):
+        since = time.monotonic()
+
+        def pushed(since: float = since) -> bool:
+            return all((link.last_contact or 0) > since for link in emitters)
+
+        net.wait(pushed, what="a push on every link")
+
+    def settled() -> bool:
+        return all(not net.kme(kme).store.unconfirmed_blocks(peer)
+                   and link.available_bytes() == net.kme(peer).links[kme].available_bytes()
+                   for kme in net.servers for peer, link in net.kme(kme).links.items()
+                   if link.emitter)
+
+    net.wait(settled, what="both ends of every link to hold the same key")
+
+
+def pools(net: KmeNet) -> dict[tuple[str, str], int]:
+    """Link key bytes available, seen from each end of each link."""
+    return {(kme, peer): link.available_bytes()
+            for kme in net.servers for peer, link in net.kme(kme).links.items()}
+
+
+def test_each_hop_spends_exactly_its_link_key_at_both_ends(net: KmeNet) -> None:
+    """The pools themselves, not the relay's own counter: n + 32 bytes per hop (kme.relay)."""
+    a, d = net.client("SAE_A"), net.client("SAE_D")
+    stop_key_generation(net)
+    before = pools(net)
+    assert min(before[("KME_A", "KME_B")], before[("KME_B", "KME_C")],
+               before[("KME_C", "KME_D")]) >= hop_cost_bytes(4 * 32)
+    keys = a.get_keys("SAE_D", 4, 256)
+    got = d.get_keys_with_ids("SAE_A", [k.key_id for k in keys])
+    assert [k.secret.expose() for k in got] == [k.secret.expose() for k in keys]
+    after = pools(net)
+    hops = {frozenset(h) for h in itertools.pairwise(SHORT)}
+    for (kme, peer), was in before.items():
+        spent = was - after[(kme, peer)]
+        expected = hop_cost_bytes(4 * 32) if frozenset((kme, peer)) in hops else 0
+        assert spent == expected, f"{kme}'s pool with {peer}: spent {spent} B"
+
+
+def test_kme_status_shows_relay_spend_per_link(net: KmeNet, tmp_path: Path) -> None:
+    # The net's PKI is in tmp_path/pki: with the configs, tmp_path is a `--state` folder.
+    for kme, cfg in net.configs.items():
+        path = tmp_path / "config" / f"{kme}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    a, d = net.client("SAE_A"), net.client("SAE_D")
+    keys = a.get_keys("SAE_D", 4, 256)
+    d.get_keys_with_ids("SAE_A", [k.key_id for k in keys])
+    spend = relay_spend(tmp_path)
+    cost = hop_cost_bytes(4 * 32) * 8
+    for hop in itertools.pairwise(SHORT):
+        assert spend[hop] == cost and spend[(hop[1], hop[0])] == 0
+    assert spend[("KME_A", "KME_E")] == 0
+    result = CliRunner().invoke(app, ["kme", "status", "--state", str(tmp_path), "--kme",
+                                      "KME_B"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines()
+            if line.count("│") > 3}
+    assert "relay spent (bits)" in result.output
+    for x, y in (("KME_A", "KME_B"), ("KME_B", "KME_C"), ("KME_C", "KME_D")):
+        assert rows[f"{x} - {y}"].rstrip(" │").endswith(f"{cost:,}"), rows[f"{x} - {y}"]
+    assert rows["KME_A - KME_E"].rstrip(" │").endswith(" 0")
+    # A KME that does not answer is shown as unknown, not as zero.
+    view = {"kme_id": "KME_A", "network": [
+        {"origin": "KME_A", "links": {"KME_B": {"up": True, "available_bits": 8}}},
+        {"origin": "KME_B", "links": {"KME_A": {"up": True, "available_bits": 8}}}]}
+    console = Console(width=200, record=True)
+    console.print(network_table(view, {("KME_A", "KME_B"): 640.0}))
+    assert "640 + ?" in console.export_text()
 
 
 def test_neighbours_still_share_keys_directly(net: KmeNet) -> None:
