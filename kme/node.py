@@ -66,6 +66,10 @@ class Kme:
         self.relay = Relay(self)
         self._advertiser: asyncio.Task[None] | None = None
         self._advertise_now = asyncio.Event()
+        # Labelled metric children, looked up once (labels() costs a lock and a dict probe).
+        self._delivered = {role: self.metrics.keys_delivered.labels(role=role)
+                           for role in ("master", "slave")}
+        self._served: dict[tuple[str, str], Any] = {}
 
     async def start(self) -> None:
         self.store.prune_released(RELEASED_RETENTION_S)
@@ -164,8 +168,8 @@ class Kme:
                                        parameter="additional_slave_SAE_IDs")
         ids = [str(uuid.uuid4()) for _ in range(req.number)]
         keys = await self.share_keys(master, slaves, ids, req.size // 8)
-        self.metrics.keys_delivered.labels(role="master").inc(len(keys))
-        self.metrics.keys_served.labels(master=master, slave=slave).inc(len(keys))
+        self._delivered["master"].inc(len(keys))
+        self._served_counter(master, slave).inc(len(keys))
         return keys
 
     async def share_keys(self, master: str, slaves: list[str], ids: list[str], length: int,
@@ -275,6 +279,13 @@ class Kme:
             raise ApiError.unavailable("key stream out of step with the peer KME") from None
         return keys
 
+    def _served_counter(self, master: str, slave: str) -> Any:
+        counter = self._served.get((master, slave))
+        if counter is None:
+            counter = self._served[(master, slave)] = self.metrics.keys_served.labels(
+                master=master, slave=slave)
+        return counter
+
     @staticmethod
     def _reply_offsets(reply: dict[str, Any], pend: list[Pending]) -> list[int | None]:
         got = {k.get("key_ID"): k.get("offset") for k in reply.get("keys", [])
@@ -292,8 +303,8 @@ class Kme:
             raise ApiError.bad_request("the master SAE must differ from the slave SAE")
         with self.store.tx():
             material = self.store.take_keys(slave, master, key_ids)
-        self.metrics.keys_delivered.labels(role="slave").inc(len(material))
-        self.metrics.keys_served.labels(master=master, slave=slave).inc(len(material))
+        self._delivered["slave"].inc(len(material))
+        self._served_counter(master, slave).inc(len(material))
         return list(zip(key_ids, material, strict=True))
 
     # -- KME-to-KME --------------------------------------------------------------
@@ -330,11 +341,13 @@ class Kme:
         """Reserve keys for the peer's masters: a batch of groups, each all or nothing."""
         link = self.peer_link(caller)
         results: list[dict[str, Any]] = []
-        for group in _list(body, "groups"):
-            try:
-                results.append(self._reserve_group(link, group))
-            except ApiError as exc:
-                results.append({"error": {"status": exc.status, "message": exc.message}})
+        # One commit for the whole batch; each group is a savepoint, undone alone if refused.
+        with self.store.tx():
+            for group in _list(body, "groups"):
+                try:
+                    results.append(self._reserve_group(link, group))
+                except ApiError as exc:
+                    results.append({"error": {"status": exc.status, "message": exc.message}})
         return {"groups": results}
 
     def _reserve_group(self, link: LinkRuntime, body: dict[str, Any]) -> dict[str, Any]:
@@ -365,7 +378,7 @@ class Kme:
         if not ids or len(set(ids)) != len(ids):
             raise ApiError.bad_request("keys must list distinct key IDs")
         try:
-            with self.store.tx():
+            with self.store.savepoint():
                 if self.store.any_released(ids):
                     raise ApiError.bad_request("a key ID in this reservation was released")
                 if link.emitter:
@@ -460,6 +473,7 @@ class Kme:
         if link.admin_down == (not up):
             return
         link.admin_down = not up
+        self.metrics.link_admin(link.peer, up)
         log.warning("QKD link %s-%s set %s by an operator", self.kme_id, link.peer,
                     "up" if up else "down")
         self._advertise_now.set()

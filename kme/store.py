@@ -170,6 +170,27 @@ class Store:
         finally:
             self._in_tx = False
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """All or nothing inside an outer `tx` (undone alone on error); else a `tx`.
+
+        Lets one transaction (one commit) carry a batch of independent units,
+        such as the groups of one reservation call.
+        """
+        if not self._in_tx:
+            with self.tx():
+                yield
+            return
+        self._db.execute("SAVEPOINT unit")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO unit")
+            self._db.execute("RELEASE unit")
+            raise
+        else:
+            self._db.execute("RELEASE unit")
+
     # -- link stream ---------------------------------------------------------
 
     def ensure_link(self, peer: str) -> None:
@@ -296,28 +317,25 @@ class Store:
     def take_keys(self, sae: str, master: str, key_ids: Sequence[str]) -> list[bytes]:
         """Hand keys to one of their slaves, once; all or nothing (call inside `tx`)."""
         out = []
+        db = self._db
         for key_id in key_ids:
-            row = self._db.execute(
-                "SELECT master, material FROM key WHERE key_id=?", (key_id,)
+            row = db.execute(
+                "SELECT k.master, k.material, h.taken FROM key k LEFT JOIN holder h "
+                "ON h.key_id=k.key_id AND h.sae=? WHERE k.key_id=?", (sae, key_id)
             ).fetchone()
             if row is None:
                 raise ApiError.bad_request(f"unknown key_ID {key_id}")
-            held = self._db.execute(
-                "SELECT taken FROM holder WHERE key_id=? AND sae=?", (key_id, sae)
-            ).fetchone()
-            if row[0] != master or not held:
+            if row[0] != master or row[2] is None:
                 raise ApiError.unauthorized(
                     f"key_ID {key_id} is not a key from master SAE {master} for SAE {sae}"
                 )
-            if held[0]:
+            if row[2]:
                 raise ApiError.bad_request(f"key_ID {key_id} was already delivered to {sae}")
-            self._db.execute("UPDATE holder SET taken=1 WHERE key_id=? AND sae=?", (key_id, sae))
-            left = self._db.execute(
-                "SELECT count(*) FROM holder WHERE key_id=? AND taken=0", (key_id,)
-            ).fetchone()[0]
-            if not left:
-                self._db.execute("DELETE FROM holder WHERE key_id=?", (key_id,))
-                self._db.execute("DELETE FROM key WHERE key_id=?", (key_id,))
+            db.execute("UPDATE holder SET taken=1 WHERE key_id=? AND sae=?", (key_id, sae))
+            if db.execute("SELECT 1 FROM holder WHERE key_id=? AND taken=0 LIMIT 1",
+                          (key_id,)).fetchone() is None:
+                db.execute("DELETE FROM holder WHERE key_id=?", (key_id,))
+                db.execute("DELETE FROM key WHERE key_id=?", (key_id,))
             out.append(row[1])
         return out
 
