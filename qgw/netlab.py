@@ -37,6 +37,16 @@ SUBNET = "10.77.0"
 NETNS_ETC = Path("/etc/netns")
 
 
+def metric_value(text: str, name: str, /, **labels: str) -> float:
+    """The sum of a /metrics page's samples called `name` whose labels include `labels`
+    (0 when there is none), read with Prometheus's own text parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
 def prometheus_samples(text: str) -> dict[str, float]:
     """A /metrics page as `name{labels}` -> value (what the labs and tests read)."""
     samples: dict[str, float] = {}

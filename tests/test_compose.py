@@ -64,6 +64,7 @@ from gateways.scada.modbus import Direction, ModbusFilter
 from gateways.webrtc.config import WebrtcConfig
 from qgw.config import load_model
 from qgw.netlab import Lab
+from qgw.netlab import metric_value as metric
 from qgw.pki import kme_dns_name
 from tests.gateways.ledger.broker import mosquitto_binary
 from tests.gateways.ledger.nodes import anvil_binary
@@ -1141,16 +1142,6 @@ def scrape(lab: Lab, service: str, port: int) -> str:
                                f"print(u.urlopen({url!r}, timeout=5).read().decode())"], 20)
     assert out.returncode == 0, out.stderr
     return out.stdout
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include `labels`."""
-    total = 0.0
-    for match in re.finditer(rf"^{name}(?:{{(.*)}})? (\S+)$", text, re.MULTILINE):
-        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 @pytest.mark.netns

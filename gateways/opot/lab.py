@@ -19,7 +19,7 @@ import yaml
 
 from kme.network import prepare
 from kme.topology import Topology
-from qgw.netlab import Lab
+from qgw.netlab import Lab, metric_value
 
 PY = sys.executable
 NODES = ["INGRESS", "SF1", "SF2", "EGRESS"]
@@ -183,11 +183,7 @@ class OpotLab:
         return out.stdout
 
     def metric(self, node: str, name: str, **labels: str) -> float:
-        total = 0.0
-        for line in self.metrics(node).splitlines():
-            if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_value(self.metrics(node), name, **labels)
 
     def wait_ready(self, timeout_s: float = 45.0) -> float:
         """Until the controller rotated a profile in and a TCP connection crosses the chain."""
