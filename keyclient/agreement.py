@@ -199,8 +199,10 @@ class MasterAgreement:
             self._refill(now)
         if s.rekey_due(now) and self.offer is None and now >= self.next_try:
             if self.peer_nonce is None:
+                # Look again in retry_s, key or no key: a gateway whose peer never came
+                # had woken every millisecond for it.
+                self.next_try = now + s.policy.retry_s
                 if s.active is not None:
-                    self.next_try = now + s.policy.retry_s
                     s.supply_failed(now, f"peer gateway {s.peer_sae} is not connected")
             else:
                 self._rekey(now)

@@ -345,6 +345,26 @@ def test_master_restart_continues_epochs(kmes: KmePair) -> None:
         p.slave.stop()
 
 
+def test_a_master_whose_peer_never_comes_waits_instead_of_spinning(kmes: KmePair) -> None:
+    # No key yet and nobody to agree one with: nothing is due before the next retry, and
+    # no QKD key is taken from the KME for a peer that is not there.
+    clock = FakeClock()
+    mch, _never_started = LoopbackChannel.pair()
+    m = KeySession("master", kme=kmes.client("SAE_1"), local_sae="SAE_1", peer_sae="SAE_2",
+                   channel=mch, installer=Recorder(), clock=clock,
+                   policy=SessionPolicy(retry_s=0.5, pool_target=0, pool_low=0))
+    m.start(thread=False)
+    try:
+        waits = []
+        for _ in range(10):
+            waits.append(m.poll())
+            clock.now += 0.05
+        assert min(waits[1:]) >= 0.04 and m.status().keys_fetched == 0
+        assert m.status().epoch is None and not m.status().peer_connected
+    finally:
+        m.stop()
+
+
 def test_supply_mode_mismatch_is_reported(kmes: KmePair) -> None:
     clock = FakeClock()
     mch, sch = LoopbackChannel.pair()
