@@ -74,6 +74,7 @@ EXIT_UNREACHABLE = 3
 
 POLL_REQUESTS = 3
 LINE_PER_POLL_MAX_RATE = 5.0
+CATCH_UP_S = 0.25      # how far behind its schedule the poll loop still catches up
 MAX_RATE = 1000.0
 
 
@@ -512,7 +513,10 @@ async def _poll_loop(opts: HmiOptions, poller: Poller, stats: PollStats, out: _O
                       t=round(now - start, 3), sent=stats.sent, ok=stats.ok,
                       failed=stats.failed)
         next_t += period
-        if next_t < now - period:  # fell behind (slow PLC, reconnect): do not burst
+        # A poll slower than its slot is made up at once, so the rate holds through
+        # the odd slow answer; after a longer stall (slow PLC, reconnect) the missed
+        # slots are dropped instead of sent as a burst.
+        if next_t < now - CATCH_UP_S:
             next_t = now
         delay = min(next_t, end) - now
         if delay > 0 and (opts.count is None or stats.sent < opts.count):
