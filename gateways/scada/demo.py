@@ -29,6 +29,7 @@ class ScadaResult:
     rekeys: int = 0
     first_packet_s: float = 0.0
     refused_write: bool = False
+    refused_packets: int = 0      # dropped by the substation gateway's Modbus policy
 
     @property
     def ok(self) -> bool:
@@ -46,11 +47,11 @@ def _hmi(lab: ScadaLab, target: str, *args: str) -> tuple[int, dict[str, Any]]:
 
 
 def _rekeys(lab: ScadaLab) -> int:
-    total = 0.0
-    for line in lab.metrics("cc").splitlines():
-        if line.startswith("qgw_session_rekeys_total") and 'peer_sae="SAE_SUB1"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return int(total)
+    return int(lab.metric("cc", "qgw_session_rekeys_total", peer_sae="SAE_SUB1"))
+
+
+def _policy_drops(lab: ScadaLab) -> int:
+    return int(lab.metric("sub1", "qgw_scada_dropped_packets_total", reason="policy"))
 
 
 def run_scada(seconds: float = 10.0, rate: float = 50.0,
@@ -60,8 +61,8 @@ def run_scada(seconds: float = 10.0, rate: float = 50.0,
         progress("SCADA: control centre and substation as network namespaces, a KME each")
         sites = ScadaLab(lab, tmp, keys={"rekey_interval_s": result.rekey_interval_s,
                                                "overlap_s": 1.0},
-                         modbus=POLICY)
-        sites.start_kmes()
+                         modbus=POLICY, substations=(1,))
+        sites.start_kmes(["cc", "sub1"])
         lab.start("plc-sub1", [PY, "-m", "apps.plc", "--port", "502",
                                "--status-every", "0"], env=None, ns_of="sub1")
         started = time.monotonic()
@@ -80,6 +81,10 @@ def run_scada(seconds: float = 10.0, rate: float = 50.0,
                                "--duration", str(seconds), "--quiet")
         result.rekeys = _rekeys(sites) - before
         progress("SCADA: the HMI tries to open CB3, which the policy forbids")
-        code, refused = _hmi(sites, "10.99.1.1:502", "--count", "2", "--operate", "CB3=open")
-        result.refused_write = code == 1 and refused.get("operations_failed") == 1
+        drops_before = _policy_drops(sites)
+        _, refused = _hmi(sites, "10.99.1.1:502", "--count", "2", "--operate", "CB3=open")
+        # Refused means the gateway's policy dropped it (the HMI alone cannot tell a
+        # refusal from a lost connection), and the write did not go through after all.
+        result.refused_packets = _policy_drops(sites) - drops_before
+        result.refused_write = result.refused_packets > 0 and refused.get("operations_ok") == 0
     return result

@@ -9,9 +9,11 @@ addresses: control centre 10.99.0.1, substation n 10.99.n.1.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import yaml
 
 from kme.network import prepare
 from kme.topology import Topology
-from qgw.netlab import Lab
+from qgw.netlab import Lab, metric_value, prometheus_samples
 
 PY = sys.executable
 SITES = {"cc": "KME_CC", "sub1": "KME_S1", "sub2": "KME_S2"}
@@ -42,15 +44,23 @@ def tunnel_ip(site: str) -> str:
 
 class ScadaLab:
     def __init__(self, lab: Lab, tmp: Path, keys: dict[str, Any] | None = None,
-                 modbus: dict[str, Any] | None = None) -> None:
+                 modbus: dict[str, Any] | None = None,
+                 substations: tuple[int, ...] = (1, 2)) -> None:
         self.lab = lab
+        # The control centre's pairs: one whose substation never comes keeps its key
+        # session retrying, which costs CPU a run that uses one substation can spare.
+        self.substations = substations
         self.tmp = tmp
         lab.setup(list(SITES))
         self.state = tmp / "state"
         self.endpoints = prepare(self.state, TOPOLOGY.to_spec(),
                                  hosts={k: lab.addresses[s] for s, k in SITES.items()})
-        self.keys = keys or {"rekey_interval_s": 5}
         self.modbus = modbus
+        self.set_keys(keys or {"rekey_interval_s": 5})
+
+    def set_keys(self, keys: dict[str, Any]) -> None:
+        """Write every site's config with this key policy (gateways started later use it)."""
+        self.keys = keys
         self.configs = {s: self._config(s) for s in SITES}
 
     def _config(self, site: str) -> Path:
@@ -68,7 +78,7 @@ class ScadaLab:
                 {"pair": n, "sae": SAES[f"sub{n}"],
                  "endpoint": f"{lab.addresses[f'sub{n}']}:{UDP_PORT}",
                  "control": f"{lab.addresses[f'sub{n}']}:{CONTROL_PORT}",
-                 "routes": [f"10.99.{n}.0/24"]} for n in (1, 2)]}
+                 "routes": [f"10.99.{n}.0/24"]} for n in self.substations]}
         else:
             cfg = common | {"role": "substation", "control_centre": {
                 "pair": int(site.removeprefix("sub")), "sae": "SAE_CC",
@@ -81,16 +91,22 @@ class ScadaLab:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
 
-    def start_kmes(self) -> None:
-        for site, kme in SITES.items():
-            self.lab.start(f"kme-{site}", [PY, "-m", "qgw", "kme", "serve", "--config",
-                                           str(self.endpoints[kme].config)],
-                           env=None, ns_of=site)
+    def start_kme(self, site: str) -> None:
+        self.lab.start(f"kme-{site}", [PY, "-m", "qgw", "kme", "serve", "--config",
+                                       str(self.endpoints[SITES[site]].config)],
+                       env=None, ns_of=site)
+
+    def start_kmes(self, sites: Iterable[str] = tuple(SITES)) -> None:
+        for site in sites:
+            self.start_kme(site)
 
     def start_gateway(self, site: str) -> None:
         self.lab.start(f"gw-{site}", [PY, "-m", "qgw", "gateway", "scada", "--config",
                                       str(self.configs[site]), "--status-every", "1"],
                        env=None, ns_of=site)
+
+    def stop_gateway(self, site: str, sig: int = signal.SIGTERM) -> None:
+        self.lab.kill(f"gw-{site}", sig)
 
     def run(self, site: str, argv: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
         return self.lab.output(site, argv, timeout_s)
@@ -118,3 +134,10 @@ class ScadaLab:
                        20)
         assert out.returncode == 0, out.stderr
         return out.stdout
+
+    def samples(self, site: str) -> dict[str, float]:
+        return prometheus_samples(self.metrics(site))
+
+    def metric(self, site: str, name: str, **labels: str) -> float:
+        """One metric of a site's gateway, summed over the samples matching `labels`."""
+        return metric_value(self.metrics(site), name, **labels)

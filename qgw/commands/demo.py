@@ -334,7 +334,8 @@ def _scada_step(wanted: bool | None) -> None:
     table.add_row("gateway start to first protected packet", f"{TRIAL.UC35_TIME_TO_KEY_S:.2f} s "
                   "to get a key (UC35)", f"{r.first_packet_s:.2f} s")
     table.add_row("write to a forbidden breaker (CB3)", "-",
-                  "refused, connection reset" if r.refused_write else "NOT refused")
+                  f"refused, connection reset ({r.refused_packets} policy drops)"
+                  if r.refused_write else "NOT refused")
     console.print(table)
     if not r.ok:
         console.print("[bold red]SCADA step failed[/]")
