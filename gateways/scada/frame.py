@@ -28,7 +28,6 @@ TYPE_DATA = 1
 TYPE_KEEPALIVE = 2  # sealed, empty: tells the control centre where the substation is
 TYPES = (TYPE_DATA, TYPE_KEEPALIVE)
 HEADER = struct.Struct("!BBHIQ")
-PREFIX = struct.Struct("!BBHI")  # the header without its sequence number
 HEADER_LEN = HEADER.size  # 16
 TAG_LEN = 16
 OVERHEAD = HEADER_LEN + TAG_LEN
@@ -49,7 +48,7 @@ class Header(NamedTuple):
         return HEADER.pack(VERSION, self.type, self.pair, self.epoch, self.seq)
 
     @classmethod
-    def parse(cls, frame: bytes) -> Header:
+    def parse(cls, frame: bytes | bytearray | memoryview) -> Header:
         if len(frame) < OVERHEAD:
             raise FrameError("truncated")
         version, kind, pair, epoch, seq = HEADER.unpack_from(frame)
@@ -57,7 +56,3 @@ class Header(NamedTuple):
             raise FrameError("unknown version or type")
         return cls(pair, epoch, seq, kind)
 
-
-def prefix(pair: int, epoch: int, kind: int = TYPE_DATA) -> bytes:
-    """The first 8 header bytes; the sender appends the 8-byte sequence number."""
-    return PREFIX.pack(VERSION, kind, pair, epoch)

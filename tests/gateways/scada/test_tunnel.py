@@ -21,7 +21,7 @@ from gateways.scada.frame import HEADER_LEN, Header
 from gateways.scada.keys import Drop, PairKeys, Side
 from gateways.scada.tunnel import Route, Tunnel
 from keyclient.control import LoopbackChannel
-from keyclient.policy import SessionPolicy
+from keyclient.policy import SessionPolicy, SupplyMode
 from keyclient.session import KeySession, SessionState
 from tests.harness import KmePair
 
@@ -226,7 +226,8 @@ def test_a_tampered_header_fails_authentication() -> None:
 @pytest.mark.parametrize("mode, survives", [("qkd", False), ("hybrid", False),
                                             ("qkd-or-pqc", True)])
 def test_kme_outage_under_each_policy(kmes: KmePair, mode: str, survives: bool) -> None:
-    p = Pair(kmes, SessionPolicy(mode=mode, rekey_interval_s=0.3, grace_s=0.5, overlap_s=0.2,
+    p = Pair(kmes, SessionPolicy(mode=SupplyMode(mode), rekey_interval_s=0.3, grace_s=0.5,
+                                 overlap_s=0.2,
                                  pool_target=0, pool_low=0, retry_s=0.1,
                                  ack_timeout_s=1))
     try:
