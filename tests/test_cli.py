@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -234,3 +235,55 @@ def test_kme_up_takes_its_kmes_along_when_signalled(tmp_path: Path, sig: int) ->
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
     assert not _port_open(port) and not _port_open(port + 1)
+
+
+def test_kme_up_runs_the_whole_madrid_network_on_one_machine(tmp_path: Path) -> None:
+    """`qgw kme up --topology madrid`: 13 KME processes, the 15 links of the trials, a live
+    `kme status`, and all of them gone after SIGTERM."""
+    ports, metrics = free_ports(13), free_ports(13)
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-m", "qgw", "kme", "up", "--topology", "madrid",
+                             "--state", str(state), "--port", str(ports[0]),
+                             "--metrics-port", str(metrics[0])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, COLUMNS="200"))
+    kmes: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not all(_port_open(p) for p in ports):
+            assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "kme up did not open every KME's port"
+            time.sleep(0.2)
+        kmes = [pid for pid in _children(proc.pid)
+                if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(kmes) == 13
+        # Every KME hears the others' link-state adverts within a few seconds.
+        deadline = time.monotonic() + 30
+        while True:
+            st = runner.invoke(app, ["kme", "status", "--state", str(state)],
+                               env={"COLUMNS": "250"})
+            assert st.exit_code == 0, st.output
+            up = re.findall(r"(KME_\w+) - (KME_\w+)\s+\S\s+up\s", st.output)
+            if "(13 KMEs heard)" in st.output and len(up) == 15:
+                break
+            assert time.monotonic() < deadline, st.output
+            time.sleep(0.5)
+        assert {frozenset(link) for link in up} >= {
+            frozenset(("KME_ALMAGRO", "KME_NORTE")), frozenset(("KME_CIEMAT", "KME_URJC")),
+            frozenset(("KME_UC3M", "KME_IMDEA_NET")), frozenset(("KME_CSIC", "KME_NORTE"))}
+        assert "DOWN" not in st.output, st.output
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out.decode()
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in kmes):
+            assert time.monotonic() < deadline, "KMEs left running after SIGTERM"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in kmes:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not any(_port_open(p) for p in ports)
