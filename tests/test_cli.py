@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,33 +150,6 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_kme_up_runs_the_embedded_network_until_ctrl_c(tmp_path: Path) -> None:
-    port, metrics = free_ports(2)[0], free_ports(2)[0]
-    proc = subprocess.Popen([sys.executable, "-m", "qgw", "kme", "up", "--state",
-                             str(tmp_path / "state"), "--port", str(port),
-                             "--metrics-port", str(metrics)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, COLUMNS="200"))
-    try:
-        deadline = time.monotonic() + 30
-        while not (_port_open(port) and _port_open(port + 1)):
-            assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "kme up did not open its ports"
-            time.sleep(0.1)
-        pki = tmp_path / "state" / "pki"
-        assert (pki / "sae" / "SAE_1.pem").exists() and (pki / "sae" / "SAE_2.key").exists()
-        st = runner.invoke(app, ["keys", "status", "SAE_2", "--kme",
-                                 f"https://localhost:{port}", "--pki", str(pki),
-                                 "--sae", "SAE_1"])
-        assert st.exit_code == 0 and "KME_B" in st.output
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 0, out.decode()
-    assert "KME_A" in out.decode() and "Ctrl-C" in out.decode()
-    assert not _port_open(port) and not _port_open(port + 1)
-
-
 def _children(pid: int) -> list[int]:
     """PIDs whose parent is `pid` (from /proc; Linux)."""
     kids = []
@@ -197,36 +172,27 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
-                         ids=lambda s: signal.Signals(s).name)
-def test_kme_up_takes_its_kmes_along_when_signalled(tmp_path: Path, sig: int) -> None:
-    port, metrics = free_ports(2)[0], free_ports(2)[0]
-    proc = subprocess.Popen([sys.executable, "-m", "qgw", "kme", "up", "--state",
-                             str(tmp_path / "state"), "--port", str(port),
-                             "--metrics-port", str(metrics)],
+@contextlib.contextmanager
+def kme_up(state: Path, ports: list[int], *options: str,
+           timeout_s: float = 30) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
+    """`qgw kme up` (first KME on ports[0]) until every port in `ports` is open: the
+    process and the PIDs of its KMEs. Whatever still runs afterwards is killed."""
+    metrics = free_ports(len(ports))[0]
+    proc = subprocess.Popen([sys.executable, "-m", "qgw", "kme", "up", *options, "--state",
+                             str(state), "--port", str(ports[0]), "--metrics-port",
+                             str(metrics)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=dict(os.environ, COLUMNS="200"))
     kmes: list[int] = []
     try:
-        deadline = time.monotonic() + 30
-        while not (_port_open(port) and _port_open(port + 1)):
+        deadline = time.monotonic() + timeout_s
+        while not all(_port_open(p) for p in ports):
             assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "kme up did not open its ports"
+            assert time.monotonic() < deadline, "kme up did not open every KME's port"
             time.sleep(0.1)
-        kmes = [pid for pid in _children(proc.pid)
-                if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        assert len(kmes) == 2
-        proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=30)
-        if sig != signal.SIGKILL:  # an orderly stop, reported
-            assert proc.returncode == 0, out.decode()
-            assert signal.Signals(sig).name in out.decode()
-        # With SIGKILL nothing ran in `up`: the kernel told the KMEs (PR_SET_PDEATHSIG).
-        deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in kmes) or _port_open(port) or _port_open(port + 1):
-            assert time.monotonic() < deadline, \
-                f"KMEs left running: {[pid for pid in kmes if _alive(pid)]}"
-            time.sleep(0.1)
+        kmes.extend(pid for pid in _children(proc.pid)
+                    if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        yield proc, kmes
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -234,28 +200,52 @@ def test_kme_up_takes_its_kmes_along_when_signalled(tmp_path: Path, sig: int) ->
         for pid in kmes:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-    assert not _port_open(port) and not _port_open(port + 1)
+
+
+def _wait_gone(kmes: list[int], ports: list[int]) -> None:
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in kmes) or any(_port_open(p) for p in ports):
+        assert time.monotonic() < deadline, \
+            f"KMEs left running: {[pid for pid in kmes if _alive(pid)]}"
+        time.sleep(0.1)
+
+
+def test_kme_up_runs_the_embedded_network_until_ctrl_c(tmp_path: Path) -> None:
+    ports = free_ports(2)
+    with kme_up(tmp_path / "state", ports) as (proc, _):
+        pki = tmp_path / "state" / "pki"
+        assert (pki / "sae" / "SAE_1.pem").exists() and (pki / "sae" / "SAE_2.key").exists()
+        st = runner.invoke(app, ["keys", "status", "SAE_2", "--kme",
+                                 f"https://localhost:{ports[0]}", "--pki", str(pki),
+                                 "--sae", "SAE_1"])
+        assert st.exit_code == 0 and "KME_B" in st.output
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out.decode()
+    assert "KME_A" in out.decode() and "Ctrl-C" in out.decode()
+    assert not any(_port_open(p) for p in ports)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
+                         ids=lambda s: signal.Signals(s).name)
+def test_kme_up_takes_its_kmes_along_when_signalled(tmp_path: Path, sig: int) -> None:
+    ports = free_ports(2)
+    with kme_up(tmp_path / "state", ports) as (proc, kmes):
+        assert len(kmes) == 2
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+        if sig != signal.SIGKILL:  # an orderly stop, reported
+            assert proc.returncode == 0, out.decode()
+            assert signal.Signals(sig).name in out.decode()
+        # With SIGKILL nothing ran in `up`: the kernel told the KMEs (PR_SET_PDEATHSIG).
+        _wait_gone(kmes, ports)
 
 
 def test_kme_up_runs_the_whole_madrid_network_on_one_machine(tmp_path: Path) -> None:
     """`qgw kme up --topology madrid`: 13 KME processes, the 15 links of the trials, a live
     `kme status`, and all of them gone after SIGTERM."""
-    ports, metrics = free_ports(13), free_ports(13)
-    state = tmp_path / "state"
-    proc = subprocess.Popen([sys.executable, "-m", "qgw", "kme", "up", "--topology", "madrid",
-                             "--state", str(state), "--port", str(ports[0]),
-                             "--metrics-port", str(metrics[0])],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, COLUMNS="200"))
-    kmes: list[int] = []
-    try:
-        deadline = time.monotonic() + 90
-        while not all(_port_open(p) for p in ports):
-            assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "kme up did not open every KME's port"
-            time.sleep(0.2)
-        kmes = [pid for pid in _children(proc.pid)
-                if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    state, ports = tmp_path / "state", free_ports(13)
+    with kme_up(state, ports, "--topology", "madrid", timeout_s=90) as (proc, kmes):
         assert len(kmes) == 13
         # Every KME hears the others' link-state adverts within a few seconds.
         deadline = time.monotonic() + 30
@@ -275,15 +265,4 @@ def test_kme_up_runs_the_whole_madrid_network_on_one_machine(tmp_path: Path) -> 
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out.decode()
-        deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in kmes):
-            assert time.monotonic() < deadline, "KMEs left running after SIGTERM"
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in kmes:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-    assert not any(_port_open(p) for p in ports)
+        _wait_gone(kmes, ports)
