@@ -69,6 +69,7 @@ class LinkRuntime:
         self._stopping = False
         self._flush_scheduled = False
         store.ensure_link(self.peer)
+        metrics.link_admin_up.labels(peer=self.peer).set(1)
         if self.rate_bps is not None:
             metrics.link_rate.labels(peer=self.peer).set(self.rate_bps)
 

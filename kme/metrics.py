@@ -5,11 +5,7 @@ Counts and levels only: no metric carries key material or key IDs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 
 class KmeMetrics:
@@ -50,8 +46,13 @@ class KmeMetrics:
             "qgw_kme_link_up or qgw_kme_link_admin_up is 0", ["peer"],
             registry=self.registry,
         )
-        self._admin_down: set[str] = set()
-        self.registry.register(_AdminState(self))
+        self.link_admin_up = Gauge(
+            "qgw_kme_link_admin_up",
+            "0 while an operator holds a link down (qgw kme link down): no key accrues on it "
+            "although qgw_kme_link_up may be 1 and qgw_kme_link_rate_bps keeps the modelled "
+            "rate; 1 otherwise", ["peer"],
+            registry=self.registry,
+        )
         self.reserved_keys = Gauge(
             "qgw_kme_reserved_keys", "Keys held for slave SAEs that have not fetched them",
             registry=self.registry,
@@ -97,39 +98,3 @@ class KmeMetrics:
     def request(self, call: str, code: int, seconds: float) -> None:
         self.requests.labels(call=call, code=str(code)).inc()
         self.latency.labels(call=call).observe(seconds)
-
-    def link_admin(self, peer: str, up: bool) -> None:
-        """Record an operator's `qgw kme link up|down` on the link to `peer`."""
-        if up:
-            self._admin_down.discard(peer)
-        else:
-            self._admin_down.add(peer)
-
-
-class _AdminState(Collector):
-    """qgw_kme_link_admin_up: 0 while an operator holds a link down, else 1.
-
-    Derived at scrape time for every link the other link gauges know, so a link
-    never touched by an operator still shows 1 without the links having to
-    register here.
-    """
-
-    def __init__(self, metrics: KmeMetrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        m = self.metrics
-        family = GaugeMetricFamily(
-            "qgw_kme_link_admin_up",
-            "0 while an operator holds a link down (qgw kme link down): no key accrues on it "
-            "although qgw_kme_link_up may be 1 and qgw_kme_link_rate_bps keeps the modelled "
-            "rate; 1 otherwise",
-            labels=["peer"],
-        )
-        peers = set(m._admin_down)
-        for gauge in (m.link_up, m.link_rate, m.link_available_bits):
-            for metric in gauge.collect():
-                peers.update(s.labels["peer"] for s in metric.samples if "peer" in s.labels)
-        for peer in sorted(peers):
-            family.add_metric([peer], 0.0 if peer in m._admin_down else 1.0)
-        yield family

@@ -473,7 +473,7 @@ class Kme:
         if link.admin_down == (not up):
             return
         link.admin_down = not up
-        self.metrics.link_admin(link.peer, up)
+        self.metrics.link_admin_up.labels(peer=link.peer).set(1 if up else 0)
         log.warning("QKD link %s-%s set %s by an operator", self.kme_id, link.peer,
                     "up" if up else "down")
         self._advertise_now.set()
